@@ -1,0 +1,13 @@
+"""Optimizers: LAMB and LARS with every variant as a flag, presets, parameter groups."""
+from .factory import create_optimizer, optimizer_names
+from .lamb import Lamb, lamb_coefficients
+from .lars import Lars
+from .param_groups import bias_or_norm, describe_groups, is_1d, is_bias, is_norm, param_groups
+from .presets import PRESETS, Preset, describe_presets, get_preset
+from .trust_ratio import lars_2017_local_lr, trust_ratio
+
+__all__ = [
+    "Lamb", "Lars", "create_optimizer", "optimizer_names", "param_groups", "describe_groups",
+    "PRESETS", "Preset", "get_preset", "describe_presets", "trust_ratio", "lars_2017_local_lr",
+    "lamb_coefficients", "bias_or_norm", "is_bias", "is_norm", "is_1d",
+]

@@ -1,0 +1,298 @@
+"""What LAMB and LARS share: validation, tensor collection, global gradient pre-normalisation,
+sharded norm reduction, implementation choice and per-tensor telemetry."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _kernel
+from .trust_ratio import PHI_CHOICES
+
+TRUST_RATIO_CHOICES = (True, False, "decayed")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def invalid(name: str, value: Any, allowed: str) -> ValueError:
+    """The one validation message template: names the argument, the value and what is allowed."""
+    return ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    # `True == 1` in Python: compare types too so that trust_ratio=1 is rejected, not silently True.
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise invalid(name, value, " | ".join(repr(c) for c in choices))
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None,
+                 low_inclusive: bool = True, high_inclusive: bool = False) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise invalid(name, value, "a number or a 1-element tensor")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: {value!r} (allowed: a real number)")
+    ok_low = value >= low if low_inclusive else value > low
+    ok_high = high is None or (value <= high if high_inclusive else value < high)
+    if not (ok_low and ok_high) or value != value:
+        lo = "[" if low_inclusive else "("
+        hi = "inf)" if high is None else (f"{high}]" if high_inclusive else f"{high})")
+        raise invalid(name, value, f"a number in {lo}{low}, {hi}")
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The shard this rank holds (FSDP2 parameters are DTensors); plain tensors pass through."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def sharded_group(t: Tensor):
+    """Process group over which a DTensor is sharded, or None for plain / replicated tensors."""
+    placements = getattr(t, "placements", None)
+    if placements is None:
+        return None
+    if not any(p.is_shard() for p in placements):
+        return None
+    return t.device_mesh.get_group()
+
+
+class TrustRatioOptimizer(Optimizer):
+    """Base class of :class:`Lamb` and :class:`Lars`.
+
+    Subclasses implement ``_step_group`` for their maths; this class owns everything around it.
+    """
+
+    #: state keys that must have the parameter's shape (checked on ``load_state_dict``)
+    _shaped_state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict[str, Any]):
+        self._telemetry: dict[int, tuple[list[str], Tensor]] = {}
+        self._warned: set[str] = set()
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_common(self, group: dict[str, Any]) -> None:
+        check_number("lr", group["lr"])
+        check_number("weight_decay", group["weight_decay"])
+        check_choice("trust_ratio", group["trust_ratio"], TRUST_RATIO_CHOICES)
+        check_choice("phi", group["phi"], PHI_CHOICES)
+        for bound in ("phi_min", "phi_max"):
+            if group[bound] is not None:
+                check_number(bound, group[bound])
+        if group["phi"] in ("clamp_norm", "clamp_ratio"):
+            if group["phi_min"] is None and group["phi_max"] is None:
+                raise invalid("phi_min/phi_max", (None, None),
+                              f"at least one bound when phi={group['phi']!r} (the paper gives no default)")
+        elif group["phi_min"] is not None or group["phi_max"] is not None:
+            raise invalid("phi_min/phi_max", (group["phi_min"], group["phi_max"]),
+                          "None unless phi is 'clamp_norm' or 'clamp_ratio'")
+        if group["phi_min"] is not None and group["phi_max"] is not None and group["phi_min"] > group["phi_max"]:
+            raise invalid("phi_min", group["phi_min"], f"<= phi_max ({group['phi_max']})")
+        for flag in ("foreach", "fused"):
+            check_choice(flag, group[flag], (None, True, False))
+        if group["foreach"] and group["fused"]:
+            raise invalid("foreach/fused", (True, True), "at most one of them True")
+        check_choice("master_weights", group["master_weights"], (True, False))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        for p in group["params"]:
+            if p.is_sparse:
+                raise TypeError(f"{type(self).__name__} does not support sparse parameters")
+
+    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Stock format; refuses a state_dict whose tensors do not fit this optimizer's parameters."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_groups = state_dict.get("param_groups", [])
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        if len(saved_ids) != len(params) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid state_dict: it holds {len(saved_ids)} parameters in {len(saved_groups)} groups, "
+                f"this optimizer has {len(params)} in {len(self.param_groups)} (a different model?)")
+        for saved_id, p in zip(saved_ids, params):
+            s = state_dict["state"].get(saved_id, {})
+            for key in self._shaped_state_keys:
+                t = s.get(key)
+                if t is not None and tuple(t.shape) != tuple(local_tensor(p).shape):
+                    raise ValueError(
+                        f"Invalid state_dict: state[{saved_id}][{key!r}] has shape {tuple(t.shape)}, "
+                        f"the parameter has shape {tuple(local_tensor(p).shape)} (a different model?)")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._validate_group(group)
+
+    # ------------------------------------------------------------------ telemetry
+    def telemetry(self) -> dict[str, dict[str, float]]:
+        """Last step's ‖x‖, ‖u‖ and trust ratio of every tensor that was updated.
+
+        The numbers stay on the device during ``step()``; this call copies them to the host (one sync
+        per parameter group). Keys are parameter names when the groups carry ``param_names``
+        (:func:`largebatch.param_groups` adds them), otherwise ``"group{i}.{j}"``.
+        """
+        out: dict[str, dict[str, float]] = {}
+        for names, rows in self._telemetry.values():
+            for name, (pn, un, ratio) in zip(names, rows.tolist()):
+                out[name] = {"param_norm": pn, "update_norm": un, "trust_ratio": ratio}
+        return out
+
+    def telemetry_tensor(self, group_index: int = 0) -> tuple[list[str], Tensor]:
+        """(names, [n, 3] tensor of param_norm, update_norm, trust_ratio) of one group, no copy."""
+        return self._telemetry[group_index]
+
+    # ------------------------------------------------------------------ helpers for step()
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _names(self, gi: int, group: dict[str, Any], indices: list[int]) -> list[str]:
+        names = group.get("param_names")
+        if names is not None:
+            return [names[i] for i in indices]
+        return [f"group{gi}.{i}" for i in indices]
+
+    def _global_clip_coef(self) -> Tensor | None:
+        """NVLAMB pre-normalisation factor 1/max(1, ‖g‖_global / max_grad_norm), as a device tensor.
+
+        The norm runs over every gradient of every group (sharded gradients are reduced across ranks).
+        """
+        max_norm = self.defaults.get("max_grad_norm")
+        if max_norm is None:
+            return None
+        grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in grads:
+            by_device.setdefault(t.device, []).append(t)
+        device = grads[0].device
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        for ts in by_device.values():
+            norms = torch._foreach_norm(ts, 2)
+            sq = sq + torch.stack(norms).double().square().sum().to(device)
+        pg = next((sharded_group(p.grad) for g in self.param_groups for p in g["params"]
+                   if p.grad is not None and sharded_group(p.grad) is not None), None)
+        if pg is not None:
+            import torch.distributed as dist
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pg)
+        return 1.0 / torch.clamp(sq.sqrt() / max_norm, min=1.0)
+
+    @staticmethod
+    def _reduce_sq_norms(sq: Tensor, params: list[Tensor]) -> Tensor:
+        """Sum per-tensor squared norms over the shards of sharded parameters: ONE all-reduce per group.
+
+        ``sq`` is [n, k] local sums of squares; rows of unsharded tensors are left alone.
+        """
+        pg = None
+        sharded_rows = []
+        for i, p in enumerate(params):
+            g = sharded_group(p)
+            if g is not None:
+                pg = g
+                sharded_rows.append(i)
+        if pg is None:
+            return sq
+        import torch.distributed as dist
+        if len(sharded_rows) == len(params):
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pg)
+            return sq
+        idx = torch.tensor(sharded_rows, device=sq.device)
+        part = sq.index_select(0, idx)
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
+        return sq.index_copy(0, idx, part)
+
+    def _choose_impl(self, group: dict[str, Any], tensors: list[list[Tensor]], kernel_ok: bool) -> str:
+        """'fused' (C CPU kernel), 'foreach' (multi-tensor, any device) or 'single_tensor'."""
+        fused, foreach = group["fused"], group["foreach"]
+        name = type(self).__name__
+        if fused is None and foreach is None:
+            if kernel_ok:
+                if _kernel.available():
+                    return "fused"
+                self._warn_once("nokernel", f"{name}: the fast CPU kernel is unavailable "
+                                f"({_kernel.unavailable_reason()}); using the foreach path")
+                return "foreach"
+            return "foreach" if tensors[0] and tensors[0][0].device.type != "cpu" else "single_tensor"
+        if fused:
+            if not kernel_ok:
+                raise RuntimeError(
+                    f"{name}(fused=True) needs contiguous float32/float64 CPU tensors without master weights "
+                    "or sharding; pass fused=None to choose automatically")
+            if not _kernel.available():
+                raise RuntimeError(f"{name}(fused=True): the CPU kernel is unavailable: "
+                                   f"{_kernel.unavailable_reason()}")
+            return "fused"
+        return "foreach" if foreach else "single_tensor"
+
+    @staticmethod
+    def _kernel_eligible(group: dict[str, Any], params: list[Tensor], *others: list[Tensor]) -> bool:
+        if not params or group["master_weights"]:
+            return False
+        dtype = params[0].dtype
+        if dtype not in (torch.float32, torch.float64):
+            return False
+        for ts in (params, *others):
+            for t in ts:
+                if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() \
+                        or getattr(t, "placements", None) is not None:
+                    return False
+        return True
+
+    def _collect(self, group: dict[str, Any], init_state: Callable[[Tensor, dict], None]):
+        """Params with a gradient, their compute tensors (fp32 master or local shard) and states.
+
+        Returns (indices, params, xs, grads, states); ``xs`` are the tensors the update is written to.
+        """
+        indices, params, xs, grads, states = [], [], [], [], []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            grad = local_tensor(p.grad)
+            if grad.is_sparse:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                x = local_tensor(p)
+                if group["master_weights"] and x.dtype in _LOW_PRECISION:
+                    state["master_param"] = x.detach().float().clone()
+                init_state(state.get("master_param", x), state)
+            x = state.get("master_param")
+            if x is None:
+                x = local_tensor(p)
+            elif grad.dtype != x.dtype:
+                grad = grad.to(x.dtype)
+            indices.append(i)
+            params.append(p)
+            xs.append(x)
+            grads.append(grad)
+            states.append(state)
+        return indices, params, xs, grads, states
+
+    @staticmethod
+    def _sync_master(params: list[Tensor], states: list[dict]) -> None:
+        for p, s in zip(params, states):
+            master = s.get("master_param")
+            if master is not None:
+                local_tensor(p).copy_(master)
+
+    @staticmethod
+    def _advance_steps(states: list[dict]) -> Tensor:
+        """Increment every per-parameter step counter and return them stacked as float64 (one copy)."""
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        return torch.stack(steps).double()
+
+
+def as_list(params: Iterable[Tensor] | Tensor) -> list[Tensor]:
+    return [params] if isinstance(params, Tensor) else list(params)
