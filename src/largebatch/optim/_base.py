@@ -72,6 +72,7 @@ class TrustRatioOptimizer(Optimizer):
     def __init__(self, params, defaults: dict[str, Any]):
         self._telemetry: dict[int, tuple[list[str], Tensor]] = {}
         self._warned: set[str] = set()
+        self._scratch_buffers: dict[torch.dtype, Tensor] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -150,6 +151,14 @@ class TrustRatioOptimizer(Optimizer):
         return self._telemetry[group_index]
 
     # ------------------------------------------------------------------ helpers for step()
+    def _scratch(self, dtype: torch.dtype, numel: int) -> Tensor:
+        """A CPU buffer reused across steps (not part of the state); grows to the largest request."""
+        buf = self._scratch_buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            self._scratch_buffers[dtype] = buf
+        return buf
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)

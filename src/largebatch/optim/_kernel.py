@@ -26,6 +26,8 @@ _SOURCE = Path(__file__).with_name("csrc") / "largebatch_kernels.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 _PHI = {"identity": 0, "clamp_norm": 1, "clamp_ratio": 2, "cap_ratio": 3}
 PHASE_FUSED, PHASE_NORMS, PHASE_APPLY = 0, 1, 2
+#: tensors with at least this many elements are split over all threads, smaller ones run concurrently
+PAR_THRESHOLD = 1 << 16
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -126,7 +128,7 @@ def _build() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_int, ctypes.c_int]
+                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
     lib.lb_triad_f32.restype = None
     lib.lb_triad_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_float, ctypes.c_int]
@@ -163,7 +165,12 @@ def _pointers(tensors: list[Tensor]) -> Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
-def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper, out: Tensor | None,
+def scratch_elements(numels: list[int], nthreads: int) -> int:
+    """Scratch the LAMB kernel needs: the largest tensor, or one PAR_THRESHOLD slice per thread."""
+    return max(max(numels, default=0), nthreads * PAR_THRESHOLD if len(numels) > 1 else 0)
+
+
+def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper, scratch: Tensor | None,
           phase: int) -> Tensor:
     lib = library()
     assert lib is not None
@@ -175,21 +182,27 @@ def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper,
     trust_u8 = trust.to(torch.uint8).contiguous()
     if coefs is not None:
         coefs = coefs.to(torch.float64).contiguous()
-    if out is None:
-        out = torch.empty((n, 3), dtype=torch.float64)
+    out = torch.empty((n, 3), dtype=torch.float64)
     c_hyper = hyper.to_c()
     rc = getattr(lib, f"{name}_{suffix}")(
         n, px.data_ptr(), pg.data_ptr(), pm.data_ptr(), pv.data_ptr(), numel.data_ptr(),
         coefs.data_ptr() if coefs is not None else None, trust_u8.data_ptr(), ctypes.addressof(c_hyper),
-        out.data_ptr(), phase, torch.get_num_threads())
+        out.data_ptr(), phase, torch.get_num_threads(),
+        scratch.data_ptr() if scratch is not None else None, PAR_THRESHOLD)
     if rc != 0:
         raise MemoryError(f"largebatch kernel {name}_{suffix} failed (code {rc})")
     return out
 
 
-def lamb_step(xs, gs, ms, vs, coefs: Tensor, trust: Tensor, hyper: LambHyper) -> Tensor:
-    """One fused LAMB step over a list of tensors; returns [n, 3] float64 (‖x‖, ‖u‖, ratio)."""
-    return _call("lb_lamb", xs, gs, ms, vs, coefs, trust, hyper, None, PHASE_FUSED)
+def lamb_step(xs, gs, ms, vs, coefs: Tensor, trust: Tensor, hyper: LambHyper, scratch: Tensor) -> Tensor:
+    """One fused LAMB step over a list of tensors; returns [n, 3] float64 (‖x‖, ‖u‖, ratio).
+
+    ``scratch``: at least :func:`scratch_elements` elements of the tensors' dtype.
+    """
+    need = scratch_elements([t.numel() for t in xs], torch.get_num_threads())
+    if scratch.numel() < need or scratch.dtype != xs[0].dtype:
+        raise ValueError(f"scratch must hold {need} {xs[0].dtype} elements")
+    return _call("lb_lamb", xs, gs, ms, vs, coefs, trust, hyper, scratch, PHASE_FUSED)
 
 
 def lars_step(xs, gs, ms, trust: Tensor, hyper: LarsHyper) -> Tensor:

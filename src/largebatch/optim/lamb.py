@@ -10,7 +10,8 @@ The defaults are the paper's algorithm (SPEC §1)::
 Three implementations compute the same thing (the tests pin each to a float64 paper-literal reference):
 ``single_tensor`` (the readable loop below), ``foreach`` (multi-tensor ops, any device: the CUDA path) and
 ``fused`` (a C kernel for contiguous float32/float64 CPU tensors: two passes per tensor, the second one
-while the tensor is still in cache, no temporaries). ``fused=None, foreach=None`` picks the fastest.
+backwards while the tensor is still in cache; the only temporary is one reusable scratch buffer of the
+largest tensor's size). ``fused=None, foreach=None`` picks the fastest.
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ class Lamb(TrustRatioOptimizer):
             impl = self._choose_impl(group, [xs, grads, ms, vs],
                                      self._kernel_eligible(group, xs, grads, ms, vs))
             fn = {"fused": _fused_lamb, "foreach": _multi_tensor_lamb, "single_tensor": _single_tensor_lamb}[impl]
-            norms = fn(xs, grads, ms, vs, coefs, trust, group, lr=lr, clip=clip,
+            norms = fn(xs, grads, ms, vs, coefs, trust, group, lr=lr, clip=clip, scratch=self._scratch,
                        reduce_sq=lambda sq, ps=params: self._reduce_sq_norms(sq, ps),
                        sharded=any(getattr(p, "placements", None) is not None for p in params))
             self._sync_master(params, states)
@@ -220,7 +221,7 @@ def _apply(x: Tensor, u: Tensor, ratio: Tensor, scale: float, group: dict, lr: f
     x.add_(u)
 
 
-def _single_tensor_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded):
+def _single_tensor_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
     """The readable path: one tensor at a time (all directions kept only when norms must be reduced)."""
     rows = coefs.tolist()
     trust_list = trust.tolist()
@@ -244,7 +245,7 @@ def _single_tensor_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, red
     return torch.cat([norms, ratio[:, None]], dim=1)
 
 
-def _multi_tensor_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded):
+def _multi_tensor_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
     """Multi-tensor path (torch._foreach_*): the same maths, a handful of kernel launches per group."""
     beta1, beta2 = group["betas"]
     beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
@@ -290,8 +291,9 @@ def _multi_tensor_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, redu
     return torch.stack([xn, un, ratio], dim=1)
 
 
-def _fused_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded):
-    """C kernel: per tensor, pass 1 updates m, v and sums ‖x‖², ‖u‖²; pass 2 recomputes u and writes x."""
+def _fused_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
+    """C kernel: per tensor, pass 1 updates m, v, writes u to the scratch and sums ‖x‖², ‖u‖²;
+    pass 2 writes x. ``scratch(dtype, n)`` returns the optimizer's reusable buffer."""
     beta1, beta2 = group["betas"]
     wd, mode = group["weight_decay"], group["weight_decay_mode"]
     hyper = _kernel.LambHyper(
@@ -301,4 +303,5 @@ def _fused_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, 
         l2=wd if mode == "l2" else 0.0, wd_in=wd if mode == "decoupled" else 0.0,
         decay_out=1.0 - lr * wd if mode == "decoupled_outside" else 1.0,
         phi=group["phi"], phi_min=group["phi_min"], phi_max=group["phi_max"])
-    return _kernel.lamb_step(xs, grads, ms, vs, coefs, trust, hyper)
+    need = _kernel.scratch_elements([x.numel() for x in xs], torch.get_num_threads())
+    return _kernel.lamb_step(xs, grads, ms, vs, coefs, trust, hyper, scratch(xs[0].dtype, need))

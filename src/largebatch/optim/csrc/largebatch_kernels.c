@@ -5,10 +5,11 @@
  * ||u||^2 without storing u) and, right after it while the tensor is still in cache, pass 2
  * (recompute u from the new m, v and write x). No temporary the size of a tensor is allocated.
  *
- * Tensors are processed in parallel across threads (largest first, dynamic schedule); a tensor larger
- * than BIG_TENSOR is instead split in chunks over all threads. Norms are always summed over fixed
+ * Small tensors are processed in parallel across threads (largest first, dynamic schedule); larger
+ * ones one at a time, split in chunks over all threads (see the drivers). Norms are always summed over fixed
  * CHUNK-element chunks in double and combined in order, so the result does not depend on the
- * thread count (bit-reproducible resumes).
+ * thread count (bit-reproducible resumes). Within a chunk float32 tensors accumulate in float32 (the
+ * SIMD lanes make that a pairwise-like sum over ~CHUNK/8 terms), chunks are combined in double.
  *
  * The maths is specified in lamb.py / lars.py (the tests pin this file to a float64 reference).
  * Built on first use by _kernel.py: cc -O3 -march=native -fopenmp -fno-math-errno -shared -fPIC.
@@ -20,7 +21,6 @@
 #include <omp.h>
 
 #define CHUNK 16384
-#define BIG_TENSOR (1 << 21)
 
 enum { PHI_IDENTITY = 0, PHI_CLAMP_NORM = 1, PHI_CLAMP_RATIO = 2, PHI_CAP_RATIO = 3 };
 enum { PHASE_FUSED = 0, PHASE_NORMS = 1, PHASE_APPLY = 2 };
@@ -59,148 +59,115 @@ static int cmp_desc(const void* a, const void* b, void* sizes) {
 }
 
 /* ------------------------------------------------------------------------------------------ LAMB */
-#define LAMB_DIRECTION(T)                                                                          \
-    T gi = g[i] * clip + l2 * xi;                                                                  \
-    T mh, vh;                                                                                      \
-    if (update) {                                                                                  \
-        T mi = b1 * m[i] + b3 * gi;                                                                \
-        T vi = b2 * v[i] + ob2 * gi * gi;                                                          \
-        m[i] = mi; v[i] = vi;                                                                      \
-        mh = am * mi + bm * gi; vh = av * vi + bv * gi * gi;                                       \
-    } else {                                                                                       \
-        mh = am * m[i] + bm * gi; vh = av * v[i] + bv * gi * gi;                                   \
-    }                                                                                              \
-    T den = eps_inside ? (T)sqrt(vh + eps) : (T)sqrt(vh) + eps;                                    \
-    T u = mh / den + wd_in * xi;
+/* Pass 1 stores u in the caller's scratch buffer: pass 2 is then x <- x*dk + s*u, with no second
+ * sqrt/div (those made the step compute-bound on 2 cores). */
+#define LAMB_U(T, ACC, EPS_INSIDE)                                                                     \
+            T xi = x[i];                                                                           \
+            T gi = g[i] * clip + l2 * xi;                                                          \
+            T mi = b1 * m[i] + b3 * gi;                                                            \
+            T vi = b2 * v[i] + ob2 * gi * gi;                                                      \
+            m[i] = mi; v[i] = vi;                                                                  \
+            T mh = am * mi + bm * gi, vh = av * vi + bv * gi * gi;                                 \
+            T den = EPS_INSIDE ? (T)sqrt(vh + eps) : (T)sqrt(vh) + eps;                            \
+            T u = mh / den + wd_in * xi;                                                           \
+            scratch[i] = u;                                                                        \
+            sx += (ACC)xi * (ACC)xi;                                                               \
+            su += (ACC)u * (ACC)u;
 
-#define DEFINE_LAMB(T, SUF)                                                                        \
-static void lamb_range_##SUF(T* restrict x, const T* restrict g, T* restrict m, T* restrict v,     \
-                             int64_t lo, int64_t hi, const double* coef, const LambHyper* h,       \
-                             int pass, double scale, double* sums) {                               \
+#define DEFINE_LAMB(T, SUF, ACC)                                                                        \
+static void lamb_pass1_##SUF(const T* restrict x, const T* restrict g, T* restrict m,             \
+                             T* restrict v, T* restrict scratch, int64_t lo, int64_t hi,           \
+                             const double* coef, const LambHyper* h, double* sums) {               \
     const T b1 = (T)h->beta1, b2 = (T)h->beta2, b3 = (T)h->beta3, ob2 = (T)(1.0 - h->beta2);       \
     const T eps = (T)h->eps, clip = (T)h->clip, l2 = (T)h->l2, wd_in = (T)h->wd_in;                \
     const T am = (T)coef[0], bm = (T)coef[1], av = (T)coef[2], bv = (T)coef[3];                    \
-    const int eps_inside = h->eps_inside;                                                          \
-    if (pass == 1) {                                                                               \
-        const int update = 1;                                                                      \
-        double sx = 0.0, su = 0.0;                                                                 \
+    ACC sx = 0, su = 0;                                                                            \
+    if (h->eps_inside) {                                                                           \
         _Pragma("omp simd reduction(+:sx,su)")                                                     \
-        for (int64_t i = lo; i < hi; i++) {                                                        \
-            T xi = x[i];                                                                           \
-            LAMB_DIRECTION(T)                                                                      \
-            sx += (double)xi * (double)xi;                                                         \
-            su += (double)u * (double)u;                                                           \
-        }                                                                                          \
-        sums[0] = sx; sums[1] = su;                                                                \
+        for (int64_t i = lo; i < hi; i++) { LAMB_U(T, ACC, 1) }                                         \
     } else {                                                                                       \
-        const int update = 0;                                                                      \
-        const T s = (T)(-scale), dk = (T)h->decay_out;                                             \
-        if (coef[1] != 0.0 || coef[3] != 0.0) { /* Nesterov: the direction needs g again */       \
-            _Pragma("omp simd")                                                                    \
-            for (int64_t i = lo; i < hi; i++) {                                                    \
-                T xi = x[i];                                                                       \
-                LAMB_DIRECTION(T)                                                                  \
-                x[i] = xi * dk + u * s;                                                            \
-            }                                                                                      \
-        } else {                        /* m-hat and v-hat from the new m, v alone: g not read */  \
-            _Pragma("omp simd")                                                                    \
-            for (int64_t i = lo; i < hi; i++) {                                                    \
-                T xi = x[i];                                                                       \
-                T mh = am * m[i], vh = av * v[i];                                                  \
-                T den = eps_inside ? (T)sqrt(vh + eps) : (T)sqrt(vh) + eps;                        \
-                T u = mh / den + wd_in * xi;                                                       \
-                x[i] = xi * dk + u * s;                                                            \
-            }                                                                                      \
-        }                                                                                          \
+        _Pragma("omp simd reduction(+:sx,su)")                                                     \
+        for (int64_t i = lo; i < hi; i++) { LAMB_U(T, ACC, 0) }                                         \
     }                                                                                              \
+    sums[0] = sx; sums[1] = su;                                                                    \
 }                                                                                                  \
                                                                                                    \
-static void lamb_tensor_##SUF(T* x, const T* g, T* m, T* v, int64_t n, const double* coef,        \
-                              int trust, const LambHyper* h, double* out, int phase, int nt) {      \
+static void lamb_pass2_##SUF(T* restrict x, const T* restrict scratch, int64_t lo, int64_t hi,    \
+                             double decay_out, double scale) {                                     \
+    const T s = (T)(-scale), dk = (T)decay_out;                                                    \
+    _Pragma("omp simd")                                                                            \
+    for (int64_t i = lo; i < hi; i++) x[i] = x[i] * dk + scratch[i] * s;                           \
+}                                                                                                  \
+                                                                                                   \
+static void lamb_tensor_##SUF(T* x, const T* g, T* m, T* v, T* scratch, int64_t n,                 \
+                              const double* coef, int trust, const LambHyper* h, double* out,       \
+                              int phase, int nt) {                                                  \
     int64_t nch = (n + CHUNK - 1) / CHUNK;                                                         \
     if (phase != PHASE_APPLY) {                                                                    \
         double sx = 0.0, su = 0.0;                                                                 \
-        if (nt > 1 && nch > 1) {                                                                   \
-            double* part = (double*)malloc(sizeof(double) * 2 * nch);                              \
-            _Pragma("omp parallel for schedule(static) num_threads(nt)")                           \
-            for (int64_t k = 0; k < nch; k++) {                                                    \
-                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
-                lamb_range_##SUF(x, g, m, v, lo, hi, coef, h, 1, 0.0, part + 2 * k);               \
-            }                                                                                      \
-            for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }        \
-            free(part);                                                                            \
-        } else {                                                                                   \
-            double s2[2];                                                                          \
-            for (int64_t k = 0; k < nch; k++) {                                                    \
-                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
-                lamb_range_##SUF(x, g, m, v, lo, hi, coef, h, 1, 0.0, s2);                         \
-                sx += s2[0]; su += s2[1];                                                          \
-            }                                                                                      \
+        double* part = (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1));                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1 && nch > 1)")         \
+        for (int64_t k = 0; k < nch; k++) {                                                        \
+            int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                          \
+            lamb_pass1_##SUF(x, g, m, v, scratch, lo, hi, coef, h, part + 2 * k);                  \
         }                                                                                          \
+        for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }            \
+        free(part);                                                                                \
         if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; return; }                            \
         out[0] = sqrt(sx); out[1] = sqrt(su);                                                      \
         out[2] = trust ? phi_ratio(out[0], out[1], h->phi, h->has_min, h->phi_min,                 \
                                    h->has_max, h->phi_max) : 1.0;                                  \
     }                                                                                              \
     double scale = coef[4] * out[2];                                                               \
-    if (nt > 1 && nch > 1) {                                                                       \
-        _Pragma("omp parallel for schedule(static) num_threads(nt)")                               \
-        for (int64_t k = 0; k < nch; k++) {                                                        \
-            int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                          \
-            lamb_range_##SUF(x, g, m, v, lo, hi, coef, h, 2, scale, NULL);                         \
-        }                                                                                          \
-    } else {                                                                                       \
-        lamb_range_##SUF(x, g, m, v, 0, n, coef, h, 2, scale, NULL);                               \
+    /* backwards: the chunks pass 1 touched last are the ones still in cache */                    \
+    _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1 && nch > 1)")             \
+    for (int64_t k = nch - 1; k >= 0; k--) {                                                       \
+        int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                              \
+        lamb_pass2_##SUF(x, scratch, lo, hi, h->decay_out, scale);                                 \
     }                                                                                              \
 }
 
-DEFINE_LAMB(float, f32)
-DEFINE_LAMB(double, f64)
+DEFINE_LAMB(float, f32, float)
+DEFINE_LAMB(double, f64, double)
 
 /* ------------------------------------------------------------------------------------------ LARS */
-#define DEFINE_LARS(T, SUF)                                                                        \
+#define LARS_LOOP(PRAGMA, BODY)                                                                    \
+    _Pragma(PRAGMA)                                                                                \
+    for (int64_t i = lo; i < hi; i++) { BODY }
+
+#define DEFINE_LARS(T, SUF, ACC)                                                                   \
 static void lars_range_##SUF(T* restrict x, const T* restrict g, T* restrict m, int64_t lo,        \
                              int64_t hi, const LarsHyper* h, int pass, double ratio, double* sums) {\
     const T mom = (T)h->momentum, b3 = (T)h->beta3, wd = (T)h->weight_decay, clip = (T)h->clip;    \
-    const T r = (T)ratio, neg_lr = (T)(-h->lr);                                                    \
-    const int nest = h->nesterov;                                                                  \
-    if (pass == 1) {                                                                               \
-        double sx = 0.0, su = 0.0;                                                                 \
-        if (h->mode_2017) {                                                                        \
-            _Pragma("omp simd reduction(+:sx,su)")                                                 \
-            for (int64_t i = lo; i < hi; i++) {                                                    \
-                T xi = x[i], gi = g[i] * clip;                                                     \
-                sx += (double)xi * (double)xi; su += (double)gi * (double)gi;                      \
-            }                                                                                      \
-        } else {                                                                                   \
-            _Pragma("omp simd reduction(+:sx,su)")                                                 \
-            for (int64_t i = lo; i < hi; i++) {                                                    \
-                T xi = x[i], d = g[i] * clip + wd * xi;                                            \
-                T mi = mom * m[i] + b3 * d;                                                        \
-                m[i] = mi;                                                                         \
-                T u = nest ? mom * mi + b3 * d : mi;                                               \
-                sx += (double)xi * (double)xi; su += (double)u * (double)u;                        \
-            }                                                                                      \
-        }                                                                                          \
-        sums[0] = sx; sums[1] = su;                                                                \
+    const T r = (T)ratio, neg_lr = (T)(-h->lr), s = (T)(-h->lr * ratio);                            \
+    ACC sx = 0, su = 0;                                                                            \
+    /* one loop per case: no branch inside a loop (they stopped the vectoriser) */                 \
+    if (pass == 1 && h->mode_2017) {                                                               \
+        LARS_LOOP("omp simd reduction(+:sx,su)",                                                   \
+            T xi = x[i]; T gi = g[i] * clip; sx += (ACC)xi * (ACC)xi; su += (ACC)gi * (ACC)gi;)    \
+    } else if (pass == 1 && h->nesterov) {                                                         \
+        LARS_LOOP("omp simd reduction(+:sx,su)",                                                   \
+            T xi = x[i]; T d = g[i] * clip + wd * xi; T mi = mom * m[i] + b3 * d; m[i] = mi;       \
+            T u = mom * mi + b3 * d; sx += (ACC)xi * (ACC)xi; su += (ACC)u * (ACC)u;)              \
+    } else if (pass == 1) {                                                                        \
+        LARS_LOOP("omp simd reduction(+:sx,su)",                                                   \
+            T xi = x[i]; T mi = mom * m[i] + b3 * (g[i] * clip + wd * xi); m[i] = mi;              \
+            sx += (ACC)xi * (ACC)xi; su += (ACC)mi * (ACC)mi;)                                     \
+    } else if (h->mode_2017 && h->nesterov) {                                                      \
+        LARS_LOOP("omp simd",                                                                      \
+            T xi = x[i]; T d = (g[i] * clip + wd * xi) * r; T mi = mom * m[i] + d; m[i] = mi;      \
+            x[i] = xi + neg_lr * (d + mom * mi);)                                                  \
     } else if (h->mode_2017) {                                                                     \
-        _Pragma("omp simd")                                                                        \
-        for (int64_t i = lo; i < hi; i++) {                                                        \
-            T xi = x[i], d = (g[i] * clip + wd * xi) * r;                                          \
-            T mi = mom * m[i] + d;                                                                 \
-            m[i] = mi;                                                                             \
-            T u = nest ? d + mom * mi : mi;                                                        \
-            x[i] = xi + neg_lr * u;                                                                \
-        }                                                                                          \
+        LARS_LOOP("omp simd",                                                                      \
+            T xi = x[i]; T mi = mom * m[i] + (g[i] * clip + wd * xi) * r; m[i] = mi;               \
+            x[i] = xi + neg_lr * mi;)                                                              \
+    } else if (h->nesterov) {                                                                      \
+        LARS_LOOP("omp simd",                                                                      \
+            T xi = x[i]; x[i] = xi + (mom * m[i] + b3 * (g[i] * clip + wd * xi)) * s;)             \
     } else {                                                                                       \
-        const T s = (T)(-h->lr * ratio);                                                           \
-        _Pragma("omp simd")                                                                        \
-        for (int64_t i = lo; i < hi; i++) {                                                        \
-            T xi = x[i];                                                                           \
-            T u = nest ? mom * m[i] + b3 * (g[i] * clip + wd * xi) : m[i];                         \
-            x[i] = xi + u * s;                                                                     \
-        }                                                                                          \
+        LARS_LOOP("omp simd", x[i] = x[i] + m[i] * s;)                                             \
     }                                                                                              \
+    if (pass == 1) { sums[0] = (double)sx; sums[1] = (double)su; }                                 \
 }                                                                                                  \
                                                                                                    \
 static void lars_tensor_##SUF(T* x, const T* g, T* m, int64_t n, int trust, const LarsHyper* h,   \
@@ -208,23 +175,14 @@ static void lars_tensor_##SUF(T* x, const T* g, T* m, int64_t n, int trust, cons
     int64_t nch = (n + CHUNK - 1) / CHUNK;                                                         \
     if (phase != PHASE_APPLY) {                                                                    \
         double sx = 0.0, su = 0.0;                                                                 \
-        if (nt > 1 && nch > 1) {                                                                   \
-            double* part = (double*)malloc(sizeof(double) * 2 * nch);                              \
-            _Pragma("omp parallel for schedule(static) num_threads(nt)")                           \
-            for (int64_t k = 0; k < nch; k++) {                                                    \
-                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
-                lars_range_##SUF(x, g, m, lo, hi, h, 1, 0.0, part + 2 * k);                        \
-            }                                                                                      \
-            for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }        \
-            free(part);                                                                            \
-        } else {                                                                                   \
-            double s2[2];                                                                          \
-            for (int64_t k = 0; k < nch; k++) {                                                    \
-                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
-                lars_range_##SUF(x, g, m, lo, hi, h, 1, 0.0, s2);                                  \
-                sx += s2[0]; su += s2[1];                                                          \
-            }                                                                                      \
+        double* part = (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1));                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1 && nch > 1)")         \
+        for (int64_t k = 0; k < nch; k++) {                                                        \
+            int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                          \
+            lars_range_##SUF(x, g, m, lo, hi, h, 1, 0.0, part + 2 * k);                            \
         }                                                                                          \
+        for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }            \
+        free(part);                                                                                \
         if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; return; }                            \
         out[0] = sqrt(sx); out[1] = sqrt(su);                                                      \
         if (!trust) out[2] = 1.0;                                                                  \
@@ -239,44 +197,49 @@ static void lars_tensor_##SUF(T* x, const T* g, T* m, int64_t n, int trust, cons
         } else out[2] = phi_ratio(out[0], out[1], h->phi, h->has_min, h->phi_min, h->has_max,      \
                                   h->phi_max);                                                     \
     }                                                                                              \
-    if (nt > 1 && nch > 1) {                                                                       \
-        _Pragma("omp parallel for schedule(static) num_threads(nt)")                               \
-        for (int64_t k = 0; k < nch; k++) {                                                        \
-            int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                          \
-            lars_range_##SUF(x, g, m, lo, hi, h, 2, out[2], NULL);                                 \
-        }                                                                                          \
-    } else {                                                                                       \
-        lars_range_##SUF(x, g, m, 0, n, h, 2, out[2], NULL);                                       \
+    _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1 && nch > 1)")             \
+    for (int64_t k = nch - 1; k >= 0; k--) {                                                       \
+        int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                              \
+        lars_range_##SUF(x, g, m, lo, hi, h, 2, out[2], NULL);                                     \
     }                                                                                              \
 }
 
-DEFINE_LARS(float, f32)
-DEFINE_LARS(double, f64)
+DEFINE_LARS(float, f32, float)
+DEFINE_LARS(double, f64, double)
 
 /* ------------------------------------------------------------------------------- group drivers */
-/* Big tensors first, each over all threads; then the rest across threads, largest first. */
-#define DRIVER(NAME, CALL)                                                                         \
+/* Tensors of at least `par_threshold` elements are processed one at a time, split in chunks over all
+ * threads (their scratch is scratch[0:n]); smaller ones run concurrently, one per thread, largest
+ * first (thread t's scratch is scratch[t*par_threshold : ...]). So the scratch buffer needs
+ * max(largest tensor, nthreads * par_threshold) elements. */
+#define DRIVER(NAME, T, CALL)                                                                      \
 int NAME(int64_t n, void** xs, void** gs, void** ms, void** vs, const int64_t* numel,              \
          const double* coefs, const uint8_t* trust, const void* hyper, double* out, int phase,     \
-         int nthreads) {                                                                           \
-    (void)vs; (void)coefs;                                                                         \
+         int nthreads, void* scratch_v, int64_t par_threshold) {                                    \
+    (void)vs; (void)coefs; (void)scratch_v;                                                        \
     int64_t* order = (int64_t*)malloc(sizeof(int64_t) * (n > 0 ? n : 1));                          \
     if (!order) return -1;                                                                         \
     for (int64_t i = 0; i < n; i++) order[i] = i;                                                  \
     qsort_r(order, n, sizeof(int64_t), cmp_desc, (void*)numel);                                    \
     int64_t n_big = 0;                                                                             \
-    if (nthreads > 1) while (n_big < n && numel[order[n_big]] >= BIG_TENSOR) n_big++;              \
-    for (int64_t k = 0; k < n_big; k++) { int64_t i = order[k]; int nt = nthreads; CALL; }         \
+    while (n_big < n && numel[order[n_big]] >= par_threshold) n_big++;                             \
+    for (int64_t k = 0; k < n_big; k++) {                                                          \
+        int64_t i = order[k]; int nt = nthreads; T* scratch = (T*)scratch_v; CALL;                 \
+    }                                                                                              \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                         \
-    for (int64_t k = n_big; k < n; k++) { int64_t i = order[k]; int nt = 1; CALL; }                \
+    for (int64_t k = n_big; k < n; k++) {                                                          \
+        int64_t i = order[k]; int nt = 1;                                                          \
+        T* scratch = scratch_v ? (T*)scratch_v + (int64_t)omp_get_thread_num() * par_threshold : NULL; \
+        CALL;                                                                                      \
+    }                                                                                              \
     free(order);                                                                                   \
     return 0;                                                                                      \
 }
 
-DRIVER(lb_lamb_f32, lamb_tensor_f32((float*)xs[i], (const float*)gs[i], (float*)ms[i], (float*)vs[i], numel[i], coefs + 5 * i, trust[i], (const LambHyper*)hyper, out + 3 * i, phase, nt))
-DRIVER(lb_lamb_f64, lamb_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], (double*)vs[i], numel[i], coefs + 5 * i, trust[i], (const LambHyper*)hyper, out + 3 * i, phase, nt))
-DRIVER(lb_lars_f32, lars_tensor_f32((float*)xs[i], (const float*)gs[i], (float*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, phase, nt))
-DRIVER(lb_lars_f64, lars_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, phase, nt))
+DRIVER(lb_lamb_f32, float, lamb_tensor_f32((float*)xs[i], (const float*)gs[i], (float*)ms[i], (float*)vs[i], scratch, numel[i], coefs + 5 * i, trust[i], (const LambHyper*)hyper, out + 3 * i, phase, nt))
+DRIVER(lb_lamb_f64, double, lamb_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], (double*)vs[i], scratch, numel[i], coefs + 5 * i, trust[i], (const LambHyper*)hyper, out + 3 * i, phase, nt))
+DRIVER(lb_lars_f32, float, (void)scratch; lars_tensor_f32((float*)xs[i], (const float*)gs[i], (float*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, phase, nt))
+DRIVER(lb_lars_f64, double, (void)scratch; lars_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, phase, nt))
 
 /* A memory-bandwidth probe for the benchmark: streams a[i] = b[i] + s * c[i] (triad). */
 void lb_triad_f32(float* a, const float* b, const float* c, int64_t n, float s, int nthreads) {
