@@ -32,14 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="largebatch", description="Large-batch training with LAMB and LARS.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.startswith("largebatch"):
-                continue  # command not built yet
+                continue  # command not part of this build
+            p = sub.add_parser(name, help=help_text, description=help_text)
             p.set_defaults(_missing=exc)
             continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
