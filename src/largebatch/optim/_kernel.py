@@ -27,7 +27,7 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fP
 _PHI = {"identity": 0, "clamp_norm": 1, "clamp_ratio": 2, "cap_ratio": 3}
 PHASE_FUSED, PHASE_NORMS, PHASE_APPLY = 0, 1, 2
 #: tensors with at least this many elements are split over all threads, smaller ones run concurrently
-PAR_THRESHOLD = 1 << 16
+PAR_THRESHOLD = 1 << 18
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

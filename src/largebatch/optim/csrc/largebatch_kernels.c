@@ -52,6 +52,15 @@ static double phi_ratio(double xn, double un, int phi, int has_min, double lo, i
     return r;
 }
 
+/* LARS trust ratio: paper mode phi(||x||)/||m||; 2017 mode the local LR (norms are ||x||, ||g||) */
+static double lars_ratio(double xn, double un, const LarsHyper* h) {
+    if (!h->mode_2017) return phi_ratio(xn, un, h->phi, h->has_min, h->phi_min, h->has_max, h->phi_max);
+    if (!(xn > 0.0) || !(un > 0.0)) return 1.0;
+    double local = h->trust_coefficient * xn / (un + h->weight_decay * xn + h->eps);
+    if (h->larc_clip) { local = local / h->lr; if (local > 1.0) local = 1.0; }
+    return local;
+}
+
 static int cmp_desc(const void* a, const void* b, void* sizes) {
     int64_t sa = ((const int64_t*)sizes)[*(const int64_t*)a];
     int64_t sb = ((const int64_t*)sizes)[*(const int64_t*)b];
@@ -103,28 +112,38 @@ static void lamb_tensor_##SUF(T* x, const T* g, T* m, T* v, T* scratch, int64_t 
                               const double* coef, int trust, const LambHyper* h, double* out,       \
                               int phase, int nt) {                                                  \
     int64_t nch = (n + CHUNK - 1) / CHUNK;                                                         \
-    if (phase != PHASE_APPLY) {                                                                    \
-        double sx = 0.0, su = 0.0;                                                                 \
-        double* part = (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1));                  \
-        _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1 && nch > 1)")         \
-        for (int64_t k = 0; k < nch; k++) {                                                        \
-            int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                          \
-            lamb_pass1_##SUF(x, g, m, v, scratch, lo, hi, coef, h, part + 2 * k);                  \
+    double* part = phase != PHASE_APPLY ? (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1)) : NULL; \
+    /* one parallel region per tensor: pass 1, norms + ratio (one thread), pass 2 backwards */     \
+    _Pragma("omp parallel num_threads(nt) if(nt > 1 && nch > 1)")                                  \
+    {                                                                                              \
+        if (phase != PHASE_APPLY) {                                                                \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t k = 0; k < nch; k++) {                                                    \
+                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
+                lamb_pass1_##SUF(x, g, m, v, scratch, lo, hi, coef, h, part + 2 * k);                                                                               \
+            }                                                                                      \
+            _Pragma("omp single")                                                                  \
+            {                                                                                      \
+                double sx = 0.0, su = 0.0;                                                         \
+                for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }    \
+                if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; }                           \
+                else {                                                                             \
+                    out[0] = sqrt(sx); out[1] = sqrt(su);                                          \
+                    out[2] = trust ? phi_ratio(out[0], out[1], h->phi, h->has_min, h->phi_min,         \
+                                           h->has_max, h->phi_max) : 1.0;                          \
+                }                                                                                  \
+            }                                                                                      \
         }                                                                                          \
-        for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }            \
-        free(part);                                                                                \
-        if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; return; }                            \
-        out[0] = sqrt(sx); out[1] = sqrt(su);                                                      \
-        out[2] = trust ? phi_ratio(out[0], out[1], h->phi, h->has_min, h->phi_min,                 \
-                                   h->has_max, h->phi_max) : 1.0;                                  \
+        if (phase != PHASE_NORMS) {                                                                \
+            /* backwards: the chunks pass 1 touched last are the ones still in cache */            \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t k = nch - 1; k >= 0; k--) {                                               \
+                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
+                lamb_pass2_##SUF(x, scratch, lo, hi, h->decay_out, coef[4] * out[2]);                                                                               \
+            }                                                                                      \
+        }                                                                                          \
     }                                                                                              \
-    double scale = coef[4] * out[2];                                                               \
-    /* backwards: the chunks pass 1 touched last are the ones still in cache */                    \
-    _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1 && nch > 1)")             \
-    for (int64_t k = nch - 1; k >= 0; k--) {                                                       \
-        int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                              \
-        lamb_pass2_##SUF(x, scratch, lo, hi, h->decay_out, scale);                                 \
-    }                                                                                              \
+    free(part);                                                                                    \
 }
 
 DEFINE_LAMB(float, f32, float)
@@ -173,35 +192,37 @@ static void lars_range_##SUF(T* restrict x, const T* restrict g, T* restrict m, 
 static void lars_tensor_##SUF(T* x, const T* g, T* m, int64_t n, int trust, const LarsHyper* h,   \
                               double* out, int phase, int nt) {                                    \
     int64_t nch = (n + CHUNK - 1) / CHUNK;                                                         \
-    if (phase != PHASE_APPLY) {                                                                    \
-        double sx = 0.0, su = 0.0;                                                                 \
-        double* part = (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1));                  \
-        _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1 && nch > 1)")         \
-        for (int64_t k = 0; k < nch; k++) {                                                        \
-            int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                          \
-            lars_range_##SUF(x, g, m, lo, hi, h, 1, 0.0, part + 2 * k);                            \
-        }                                                                                          \
-        for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }            \
-        free(part);                                                                                \
-        if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; return; }                            \
-        out[0] = sqrt(sx); out[1] = sqrt(su);                                                      \
-        if (!trust) out[2] = 1.0;                                                                  \
-        else if (h->mode_2017) {                                                                   \
-            double xn = out[0], gn = out[1];                                                       \
-            if (!(xn > 0.0) || !(gn > 0.0)) out[2] = 1.0;                                          \
-            else {                                                                                 \
-                double local = h->trust_coefficient * xn / (gn + h->weight_decay * xn + h->eps);   \
-                if (h->larc_clip) { local = local / h->lr; if (local > 1.0) local = 1.0; }         \
-                out[2] = local;                                                                    \
+    double* part = phase != PHASE_APPLY ? (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1)) : NULL; \
+    /* one parallel region per tensor: pass 1, norms + ratio (one thread), pass 2 backwards */     \
+    _Pragma("omp parallel num_threads(nt) if(nt > 1 && nch > 1)")                                  \
+    {                                                                                              \
+        if (phase != PHASE_APPLY) {                                                                \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t k = 0; k < nch; k++) {                                                    \
+                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
+                lars_range_##SUF(x, g, m, lo, hi, h, 1, 0.0, part + 2 * k);                                                                               \
             }                                                                                      \
-        } else out[2] = phi_ratio(out[0], out[1], h->phi, h->has_min, h->phi_min, h->has_max,      \
-                                  h->phi_max);                                                     \
+            _Pragma("omp single")                                                                  \
+            {                                                                                      \
+                double sx = 0.0, su = 0.0;                                                         \
+                for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }    \
+                if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; }                           \
+                else {                                                                             \
+                    out[0] = sqrt(sx); out[1] = sqrt(su);                                          \
+                    out[2] = trust ? lars_ratio(out[0], out[1], h) : 1.0;                             \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        if (phase != PHASE_NORMS) {                                                                \
+            /* backwards: the chunks pass 1 touched last are the ones still in cache */            \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t k = nch - 1; k >= 0; k--) {                                               \
+                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
+                lars_range_##SUF(x, g, m, lo, hi, h, 2, out[2], NULL);                                                                               \
+            }                                                                                      \
+        }                                                                                          \
     }                                                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1 && nch > 1)")             \
-    for (int64_t k = nch - 1; k >= 0; k--) {                                                       \
-        int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                              \
-        lars_range_##SUF(x, g, m, lo, hi, h, 2, out[2], NULL);                                     \
-    }                                                                                              \
+    free(part);                                                                                    \
 }
 
 DEFINE_LARS(float, f32, float)
