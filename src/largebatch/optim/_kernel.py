@@ -166,12 +166,15 @@ def _pointers(tensors: list[Tensor]) -> Tensor:
 
 
 def scratch_elements(numels: list[int], nthreads: int) -> int:
-    """Scratch the LAMB kernel needs: the largest tensor, or one PAR_THRESHOLD slice per thread."""
-    return max(max(numels, default=0), nthreads * PAR_THRESHOLD if len(numels) > 1 else 0)
+    """Scratch the LAMB kernel needs: the largest large tensor, or one slot per thread of the size of
+    the largest small tensor (below PAR_THRESHOLD elements), whichever is more."""
+    large = max((n for n in numels if n >= PAR_THRESHOLD), default=0)
+    small = max((n for n in numels if n < PAR_THRESHOLD), default=0)
+    return max(large, nthreads * small)
 
 
 def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper, scratch: Tensor | None,
-          phase: int) -> Tensor:
+          phase: int, nthreads: int) -> Tensor:
     lib = library()
     assert lib is not None
     n = len(xs)
@@ -187,7 +190,7 @@ def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper,
     rc = getattr(lib, f"{name}_{suffix}")(
         n, px.data_ptr(), pg.data_ptr(), pm.data_ptr(), pv.data_ptr(), numel.data_ptr(),
         coefs.data_ptr() if coefs is not None else None, trust_u8.data_ptr(), ctypes.addressof(c_hyper),
-        out.data_ptr(), phase, torch.get_num_threads(),
+        out.data_ptr(), phase, nthreads,
         scratch.data_ptr() if scratch is not None else None, PAR_THRESHOLD)
     if rc != 0:
         raise MemoryError(f"largebatch kernel {name}_{suffix} failed (code {rc})")
@@ -199,15 +202,16 @@ def lamb_step(xs, gs, ms, vs, coefs: Tensor, trust: Tensor, hyper: LambHyper, sc
 
     ``scratch``: at least :func:`scratch_elements` elements of the tensors' dtype.
     """
-    need = scratch_elements([t.numel() for t in xs], torch.get_num_threads())
+    nthreads = torch.get_num_threads()
+    need = scratch_elements([t.numel() for t in xs], nthreads)
     if scratch.numel() < need or scratch.dtype != xs[0].dtype:
         raise ValueError(f"scratch must hold {need} {xs[0].dtype} elements")
-    return _call("lb_lamb", xs, gs, ms, vs, coefs, trust, hyper, scratch, PHASE_FUSED)
+    return _call("lb_lamb", xs, gs, ms, vs, coefs, trust, hyper, scratch, PHASE_FUSED, nthreads)
 
 
 def lars_step(xs, gs, ms, trust: Tensor, hyper: LarsHyper) -> Tensor:
     """One fused LARS step; returns [n, 3] float64 (‖x‖, ‖m‖ or ‖g‖ in 2017 mode, ratio)."""
-    return _call("lb_lars", xs, gs, ms, None, None, trust, hyper, None, PHASE_FUSED)
+    return _call("lb_lars", xs, gs, ms, None, None, trust, hyper, None, PHASE_FUSED, torch.get_num_threads())
 
 
 def triad(a: Tensor, b: Tensor, c: Tensor, s: float = 1.5) -> None:

@@ -231,8 +231,8 @@ DEFINE_LARS(double, f64, double)
 /* ------------------------------------------------------------------------------- group drivers */
 /* Tensors of at least `par_threshold` elements are processed one at a time, split in chunks over all
  * threads (their scratch is scratch[0:n]); smaller ones run concurrently, one per thread, largest
- * first (thread t's scratch is scratch[t*par_threshold : ...]). So the scratch buffer needs
- * max(largest tensor, nthreads * par_threshold) elements. */
+ * first (thread t's scratch is scratch[t*slot : (t+1)*slot], slot = the largest small tensor). So the
+ * scratch buffer needs max(largest large tensor, nthreads * slot) elements (_kernel.scratch_elements). */
 #define DRIVER(NAME, T, CALL)                                                                      \
 int NAME(int64_t n, void** xs, void** gs, void** ms, void** vs, const int64_t* numel,              \
          const double* coefs, const uint8_t* trust, const void* hyper, double* out, int phase,     \
@@ -244,13 +244,14 @@ int NAME(int64_t n, void** xs, void** gs, void** ms, void** vs, const int64_t* n
     qsort_r(order, n, sizeof(int64_t), cmp_desc, (void*)numel);                                    \
     int64_t n_big = 0;                                                                             \
     while (n_big < n && numel[order[n_big]] >= par_threshold) n_big++;                             \
+    int64_t slot = n_big < n ? numel[order[n_big]] : 0;  /* largest small tensor */               \
     for (int64_t k = 0; k < n_big; k++) {                                                          \
         int64_t i = order[k]; int nt = nthreads; T* scratch = (T*)scratch_v; CALL;                 \
     }                                                                                              \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")                         \
     for (int64_t k = n_big; k < n; k++) {                                                          \
         int64_t i = order[k]; int nt = 1;                                                          \
-        T* scratch = scratch_v ? (T*)scratch_v + (int64_t)omp_get_thread_num() * par_threshold : NULL; \
+        T* scratch = scratch_v ? (T*)scratch_v + (int64_t)omp_get_thread_num() * slot : NULL;       \
         CALL;                                                                                      \
     }                                                                                              \
     free(order);                                                                                   \
