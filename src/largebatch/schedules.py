@@ -1,0 +1,157 @@
+"""Learning-rate schedules as pure functions of the global step, LR-scaling rules, multi-phase plans.
+
+Everything here is a plain function of integers and floats (no optimizer, no state), so a resumed run
+gets exactly the LR it would have had, and each piece has its own tests.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+def _check_nonneg_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: an integer >= 0)")
+
+
+def warmup_poly_decay(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
+                      power: float = 1.0, end_lr: float = 0.0) -> float:
+    """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then polynomial decay to ``end_lr``.
+
+    η_t = peak·t/W for t < W, then end + (peak − end)·(1 − (t−W)/(T−W))^p, and end_lr for t ≥ T.
+    ``power=1`` is the paper's linear decay; NVIDIA's BERT uses 0.5. ``step`` counts optimizer steps from 0.
+    """
+    _check_nonneg_int("step", step)
+    _check_nonneg_int("warmup_steps", warmup_steps)
+    _check_nonneg_int("total_steps", total_steps)
+    if total_steps == 0:
+        raise ValueError("Invalid total_steps: 0 (allowed: an integer >= 1)")
+    if warmup_steps > total_steps:
+        raise ValueError(f"Invalid warmup_steps: {warmup_steps} (allowed: <= total_steps = {total_steps})")
+    if peak_lr < 0 or end_lr < 0 or power <= 0:
+        raise ValueError(f"Invalid peak_lr/end_lr/power: {peak_lr}, {end_lr}, {power} (allowed: >= 0, >= 0, > 0)")
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps  # step 0 already has a non-zero LR
+    if step >= total_steps:
+        return end_lr
+    decay_steps = total_steps - warmup_steps
+    remaining = 1.0 - (step - warmup_steps) / decay_steps
+    return end_lr + (peak_lr - end_lr) * remaining ** power
+
+
+def constant(step: int, *, peak_lr: float, warmup_steps: int = 0) -> float:
+    """Constant LR after an optional linear warmup."""
+    _check_nonneg_int("step", step)
+    _check_nonneg_int("warmup_steps", warmup_steps)
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    return peak_lr
+
+
+def scale_lr(base_lr: float, base_batch: int, batch: int, rule: Literal["sqrt", "linear", "none"] = "sqrt") -> float:
+    """LR for ``batch`` from an LR tuned at ``base_batch``: ×√k (the paper's untuned rule), ×k (Goyal et al.)."""
+    if base_batch <= 0 or batch <= 0:
+        raise ValueError(f"Invalid batch sizes: base_batch={base_batch}, batch={batch} (allowed: > 0)")
+    k = batch / base_batch
+    if rule == "sqrt":
+        return base_lr * math.sqrt(k)
+    if rule == "linear":
+        return base_lr * k
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"Invalid rule: {rule!r} (allowed: 'sqrt' | 'linear' | 'none')")
+
+
+def steps_for_epochs(epochs: float, dataset_size: int, batch: int) -> int:
+    """Fixed epoch budget: a bigger batch means proportionally fewer steps (ceil(epochs·N / batch))."""
+    if epochs <= 0 or dataset_size <= 0 or batch <= 0:
+        raise ValueError(f"Invalid epochs/dataset_size/batch: {epochs}, {dataset_size}, {batch} (allowed: > 0)")
+    return max(1, math.ceil(epochs * dataset_size / batch))
+
+
+@dataclass(frozen=True)
+class UntunedPlan:
+    """The paper's untuned scaling: √ LR, constant warmup steps, fixed epochs."""
+
+    batch: int
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+
+
+def untuned_plan(*, base_lr: float, base_batch: int, batch: int, warmup_steps: int, epochs: float,
+                 dataset_size: int, rule: Literal["sqrt", "linear", "none"] = "sqrt") -> UntunedPlan:
+    total = steps_for_epochs(epochs, dataset_size, batch)
+    return UntunedPlan(batch, scale_lr(base_lr, base_batch, batch, rule), min(warmup_steps, total), total)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a multi-phase ("mixed batch") run, SPEC §4.
+
+    ``optimizer_state``: what happens to the optimizer at the start of this phase:
+    ``"keep"`` (m, v and step counters carry on), ``"reset_step"`` (keep m, v, restart the bias-correction
+    step counters: NVIDIA's BERT phase 2) or ``"reset"`` (fresh moments and counters).
+    """
+
+    steps: int
+    batch_size: int
+    peak_lr: float
+    warmup_steps: int
+    seq_len: int | None = None
+    power: float = 1.0
+    end_lr: float = 0.0
+    optimizer_state: Literal["keep", "reset_step", "reset"] = "keep"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"Invalid phase: steps={self.steps}, batch_size={self.batch_size} (allowed: >= 1)")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"Invalid phase warmup_steps: {self.warmup_steps} (allowed: <= steps = {self.steps})")
+        if self.optimizer_state not in ("keep", "reset_step", "reset"):
+            raise ValueError(f"Invalid optimizer_state: {self.optimizer_state!r} (allowed: 'keep' | 'reset_step' | 'reset')")
+
+
+def phase_at(phases: list[Phase], step: int) -> tuple[int, int]:
+    """(phase index, step within the phase) of a global step; the last phase extends past its end."""
+    _check_nonneg_int("step", step)
+    if not phases:
+        raise ValueError("Invalid phases: [] (allowed: at least one Phase)")
+    start = 0
+    for i, ph in enumerate(phases):
+        if step < start + ph.steps or i == len(phases) - 1:
+            return i, step - start
+        start += ph.steps
+    raise AssertionError("unreachable")
+
+
+def multi_phase_lr(phases: list[Phase], step: int) -> float:
+    """Each phase warms up again from zero to its own peak, then decays over its own steps."""
+    i, local = phase_at(phases, step)
+    ph = phases[i]
+    return warmup_poly_decay(local, peak_lr=ph.peak_lr, warmup_steps=ph.warmup_steps, total_steps=ph.steps,
+                             power=ph.power, end_lr=ph.end_lr)
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, mode: Literal["keep", "reset_step", "reset"]) -> None:
+    """Apply a phase boundary's optimizer policy (see :class:`Phase`)."""
+    if mode == "keep":
+        return
+    for state in optimizer.state.values():
+        if mode == "reset":
+            for key, value in list(state.items()):
+                if key == "master_param":
+                    continue
+                if torch.is_tensor(value):
+                    value.zero_()
+        elif "step" in state:
+            state["step"].zero_()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Write the schedule's LR into every group (times the group's optional ``lr_scale``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,68 @@
+"""The task interface and helpers shared by the tasks."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class DataMissingError(RuntimeError):
+    """A dataset package is not installed; the message names the command that installs it."""
+
+
+class Task:
+    name: str = "task"
+    model: nn.Module
+    train_size: int
+
+    def batch(self, indices: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, Tensor]) -> int:
+        """What the loss is normalised by (samples; masked tokens for MLM), known before the forward."""
+        return int(next(iter(batch.values())).shape[0])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters())
+        return f"{self.name}: {params / 1e6:.2f} M parameters, {self.train_size} training samples"
+
+
+def package_dir(module: str, install: str) -> Path:
+    """Folder of an installed data package, located without importing it (their imports pull old deps)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataMissingError(f"the data package '{module}' is not installed; install it with: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LARGEBATCH_CACHE", Path.home() / ".cache" / "largebatch"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def hf_offline() -> None:
+    """Models are built from configs; never reach a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def batched(n: int, size: int):
+    for start in range(0, n, size):
+        yield torch.arange(start, min(n, start + size))
+
+
+def options_of(obj: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}

@@ -1,0 +1,1 @@
+"""Training: the loop, exact gradient accumulation, checkpoints, distributed and precision helpers."""

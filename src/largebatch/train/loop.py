@@ -1,0 +1,217 @@
+"""The training loop, readable in one sitting (nanoGPT-style).
+
+One optimizer step = one *effective* batch, built from micro-batches with exact gradient accumulation.
+The LR is a pure function of the step; the samples of a step are a pure function of (seed, step) — a
+fresh permutation per epoch, read as one stream — and so are the MLM masks; the dropout RNG is saved in
+checkpoints. So "N steps straight" and "k steps, kill, resume, N−k steps" give identical parameters,
+optimizer state and metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import schedules
+from ..optim import create_optimizer
+from .accumulation import accumulate_gradients, split_indices
+from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+
+@dataclass
+class TrainConfig:
+    task: str = "mlm"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "lamb"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 512            # effective batch (samples per optimizer step, all ranks)
+    micro_batch_size: int = 128      # per forward/backward
+    lr: float = 0.01                 # peak LR
+    warmup_steps: int = 10
+    epochs: float = 3.0              # fixed epoch budget -> steps = ceil(epochs * N / batch)
+    steps: int | None = None         # overrides epochs
+    schedule: str = "poly"           # "poly" (warmup + polynomial decay) | "constant"
+    power: float = 1.0
+    end_lr: float = 0.0
+    seed: int = 0
+    eval_every: int = 0              # steps between held-out evaluations (0: only at the end)
+    eval_split: str = "validation"   # evaluated during training; the final summary adds "test"
+    log_every: int = 1
+    checkpoint_every: int = 0        # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    out: str = "runs/latest"
+    threads: int | None = None
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "micro_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Invalid {name}: {v!r} (allowed: an integer >= 1)")
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"Invalid micro_batch_size: {self.micro_batch_size} (allowed: <= batch_size = {self.batch_size})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"Invalid lr: {self.lr!r} (allowed: a finite number > 0)")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"Invalid epochs: {self.epochs!r} (allowed: > 0)")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"Invalid steps: {self.steps!r} (allowed: >= 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"Invalid warmup_steps: {self.warmup_steps!r} (allowed: >= 0)")
+        if self.schedule not in ("poly", "constant"):
+            raise ValueError(f"Invalid schedule: {self.schedule!r} (allowed: 'poly' | 'constant')")
+
+
+def sample_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> torch.Tensor:
+    """Indices of the samples of ``step``: positions [step·B, (step+1)·B) of the stream formed by one
+    seeded permutation per epoch. A pure function, so resuming needs no sampler state."""
+    start, stop = step * batch_size, (step + 1) * batch_size
+    out = []
+    pos = start
+    while pos < stop:
+        epoch, offset = divmod(pos, dataset_size)
+        perm = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(stop - pos, dataset_size - offset)
+        out.append(perm[offset:offset + take])
+        pos += take
+    return torch.cat(out)
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """Per-(step, micro-batch) generator for data randomness (MLM masks)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    warmup = min(cfg.warmup_steps, total_steps)
+    if cfg.schedule == "constant":
+        return schedules.constant(step, peak_lr=cfg.lr, warmup_steps=warmup)
+    return schedules.warmup_poly_decay(step, peak_lr=cfg.lr, warmup_steps=warmup, total_steps=total_steps,
+                                       power=cfg.power, end_lr=cfg.end_lr)
+
+
+def _trust_summary(optimizer) -> dict[str, float]:
+    telemetry = getattr(optimizer, "telemetry", None)
+    if telemetry is None:
+        return {}
+    ratios = [v["trust_ratio"] for v in telemetry().values()]
+    if not ratios:
+        return {}
+    return {"trust_ratio_mean": sum(ratios) / len(ratios), "trust_ratio_min": min(ratios),
+            "trust_ratio_max": max(ratios)}
+
+
+class JsonlLog:
+    """metrics.jsonl of a run; on resume, records after the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            path.write_text("".join(l + "\n" for l in kept))
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
+          on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg.task`` and return the summary (also written to ``<out>/summary.json``).
+
+    ``resume``: a checkpoint file or run directory to continue from (bit-exactly).
+    ``on_step(step, record)``: called after each optimizer step (tests use it to stop a run).
+    """
+    from ..tasks import build_task
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(resume) if resume else None
+    torch.manual_seed(cfg.seed)
+    if task is None:
+        task = build_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    model = task.model
+    model.train()
+    optimizer = create_optimizer(cfg.optimizer, model, lr=cfg.lr, **cfg.optimizer_options)
+    n = task.train_size
+    total_steps = cfg.steps or schedules.steps_for_epochs(cfg.epochs, n, cfg.batch_size)
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start_step = int(ckpt["step"])
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+    log = JsonlLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
+    accum = math.ceil(cfg.batch_size / cfg.micro_batch_size)
+    print(f"{task.describe()}\noptimizer {cfg.optimizer} ({type(optimizer).__name__}), effective batch "
+          f"{cfg.batch_size} = micro-batch {cfg.micro_batch_size} × {accum} accumulation steps × 1 process; "
+          f"{total_steps} steps ({total_steps * cfg.batch_size / n:.2f} epochs), peak LR {cfg.lr:g}, "
+          f"warmup {min(cfg.warmup_steps, total_steps)} steps"
+          + (f"; resumed at step {start_step} from {ckpt['path']}" if ckpt else ""), flush=True)
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    t_last = time.perf_counter()
+    record: dict[str, Any] = {}
+    for step in range(start_step, total_steps):
+        lr = lr_at(cfg, step, total_steps)
+        schedules.set_lr(optimizer, lr)
+        indices = sample_indices(step, cfg.batch_size, n, cfg.seed)
+        micro = [task.batch(idx, step_generator(cfg.seed, step, i))
+                 for i, idx in enumerate(split_indices(indices, cfg.micro_batch_size))]
+        loss, count = accumulate_gradients(model, micro, task.loss, count_fn=task.count)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        record = {"step": step + 1, "samples": (step + 1) * cfg.batch_size, "lr": lr, "loss": loss,
+                  "count": count, "samples_per_s": cfg.batch_size / max(now - t_last, 1e-9)}
+        t_last = now
+        is_last = step + 1 == total_steps
+        if cfg.log_every and ((step + 1) % cfg.log_every == 0 or is_last):
+            record.update(_trust_summary(optimizer))
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or is_last:
+            record.update({f"{cfg.eval_split}_{k}": v for k, v in task.evaluate(model, cfg.eval_split).items()})
+            t_last = time.perf_counter()  # evaluation time is not training throughput
+        if not math.isfinite(loss):
+            record["diverged"] = True
+        log.write(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.0f}")
+            bar.update(1)
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or is_last:
+            save_checkpoint({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "rng": rng_state(), "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
+                            out, step + 1, keep=cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(step + 1, record)
+        if not math.isfinite(loss):
+            print(f"loss is {loss} at step {step + 1}: stopping (diverged)", flush=True)
+            break
+    if bar is not None:
+        bar.close()
+    final = {f"test_{k}": v for k, v in task.evaluate(model, "test").items()}
+    summary = {"task": cfg.task, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "lr": cfg.lr,
+               "steps": record.get("step", start_step), "total_steps": total_steps, "final_loss": record.get("loss"),
+               "diverged": bool(record.get("diverged")),
+               **{k: v for k, v in record.items() if k.startswith(cfg.eval_split)}, **final}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.plot:
+        from ..plots import plot_runs
+        plot_runs([out], out / "curves.png")
+    return summary
