@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from largebatch import schedules as S
+
+
+def test_warmup_poly_decay_explicit_values():
+    lrs = [S.warmup_poly_decay(t, peak_lr=1.0, warmup_steps=2, total_steps=6) for t in range(8)]
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+
+
+def test_poly_power_and_end_lr():
+    lr = S.warmup_poly_decay(3, peak_lr=1.0, warmup_steps=0, total_steps=4, power=0.5, end_lr=0.1)
+    assert lr == pytest.approx(0.1 + 0.9 * (1 - 3 / 4) ** 0.5)
+    assert S.warmup_poly_decay(0, peak_lr=2.0, warmup_steps=0, total_steps=5) == 2.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(step=-1, peak_lr=1, warmup_steps=0, total_steps=3), "step"),
+    (dict(step=0, peak_lr=1, warmup_steps=5, total_steps=3), "warmup_steps"),
+    (dict(step=0, peak_lr=1, warmup_steps=0, total_steps=0), "total_steps"),
+    (dict(step=0, peak_lr=1, warmup_steps=0, total_steps=3, power=0), "power"),
+])
+def test_degenerate_inputs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        S.warmup_poly_decay(**kwargs)
+
+
+def test_constant_with_warmup():
+    assert [S.constant(t, peak_lr=0.4, warmup_steps=4) for t in range(6)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+
+
+def test_scaling_rules_and_paper_numbers():
+    # BERT-Large: 5e-3 at 32768 -> 6.25e-4 at 512 under the sqrt rule (SPEC §4)
+    assert S.scale_lr(5e-3, 32768, 512, "sqrt") == pytest.approx(6.25e-4)
+    assert S.scale_lr(0.1, 256, 1024, "linear") == pytest.approx(0.4)
+    assert S.scale_lr(0.1, 256, 1024, "none") == 0.1
+    with pytest.raises(ValueError, match="rule"):
+        S.scale_lr(0.1, 256, 1024, "cubic")
+    with pytest.raises(ValueError, match="batch"):
+        S.scale_lr(0.1, 0, 1024)
+
+
+def test_untuned_plan_fixed_epochs_constant_warmup():
+    small = S.untuned_plan(base_lr=1e-3, base_batch=16, batch=16, warmup_steps=20, epochs=2, dataset_size=1000)
+    big = S.untuned_plan(base_lr=1e-3, base_batch=16, batch=1024, warmup_steps=20, epochs=2, dataset_size=1000)
+    assert small.total_steps == 125 and big.total_steps == 2      # ceil(2·1000/1024)
+    assert big.peak_lr == pytest.approx(8e-3) and big.warmup_steps == 2  # warmup capped by the run length
+    assert S.steps_for_epochs(1, 1_000_000 * 512, 32768) == 1_000_000 * 512 // 32768
+
+
+def test_multi_phase_rewarms_and_switches():
+    phases = [S.Phase(steps=4, batch_size=64, peak_lr=1.0, warmup_steps=2, seq_len=32),
+              S.Phase(steps=2, batch_size=32, peak_lr=0.5, warmup_steps=1, seq_len=64, optimizer_state="reset_step")]
+    assert [S.phase_at(phases, t) for t in (0, 3, 4, 5, 9)] == [(0, 0), (0, 3), (1, 0), (1, 1), (1, 5)]
+    lrs = [S.multi_phase_lr(phases, t) for t in range(6)]
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.5, 0.5])  # phase 2 warms up from 0 again
+    with pytest.raises(ValueError, match="warmup_steps"):
+        S.Phase(steps=2, batch_size=8, peak_lr=1.0, warmup_steps=3)
+
+
+def test_reset_optimizer_state_modes():
+    import largebatch
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = largebatch.Lamb([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    S.reset_optimizer_state(opt, "reset_step")
+    assert opt.state[p]["step"].item() == 0 and opt.state[p]["exp_avg"].abs().sum() > 0
+    S.reset_optimizer_state(opt, "reset")
+    assert opt.state[p]["exp_avg"].abs().sum() == 0
