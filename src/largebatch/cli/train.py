@@ -15,7 +15,8 @@ from pathlib import Path
 # defaults per task (effective batch, micro-batch, peak LR, warmup, epochs); the CLI overrides them
 TASK_DEFAULTS = {
     "mlm": dict(batch_size=512, micro_batch_size=128, lr=0.01, warmup_steps=10, epochs=4.0, eval_every=40),
-    "classify": dict(batch_size=64, micro_batch_size=32, lr=2e-3, warmup_steps=5, epochs=3.0, eval_every=20),
+    "classify": dict(optimizer="adamw", batch_size=32, micro_batch_size=32, lr=1e-3, warmup_steps=10, epochs=3.0,
+                     eval_every=20, task_options={"checkpoint": "runs/mlm"}),
     "image": dict(batch_size=1024, micro_batch_size=256, lr=0.02, warmup_steps=10, epochs=2.0, eval_every=25),
 }
 _FIELDS = ("optimizer", "batch_size", "micro_batch_size", "lr", "warmup_steps", "epochs", "steps", "schedule",
