@@ -1,0 +1,70 @@
+"""Benchmark output: a Markdown table, JSON and a PNG bar chart."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(summary: dict) -> str:
+    env = summary["environment"]
+    lines = [f"# Optimizer step benchmark\n",
+             f"{env['date']} · torch {env['torch']} · {env['threads']} threads · {env['cpu']} · "
+             f"bandwidth probe {env['bandwidth_gbs']:.1f} GB/s (a += s·b) · load average before/after "
+             f"{env['load_before']} / {env['load_after']} · {env['steps']} timed steps after {env['warmup']} warm-up, "
+             "round-robin, medians\n",
+             f"Command: `{env['command']}`\n"]
+    for s in summary["sets"]:
+        lines.append(f"\n## {s['set']}: {s['tensors']} tensors, {s['params_millions']:.1f} M parameters "
+                     f"(largest tensor {s['largest_tensor_mib']:.1f} MiB; 28 B/param floor {s['bandwidth_floor_ms']:.1f} ms)\n")
+        lines.append("| optimizer | median ms | IQR ms | × fused AdamW | × bandwidth floor | peak extra MiB | extra / largest tensor |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in s["rows"]:
+            if r.get("median_ms") is None:
+                lines.append(f"| {r['optimizer']} | {r['error']} | | | | | |")
+                continue
+            lines.append(f"| {r['optimizer']} | {r['median_ms']:.1f} | {_fmt(r['iqr_ms'], '.1f')} | "
+                         f"{r['ratio_to_fused_adamw']:.2f} | {r['ratio_to_bandwidth_floor']:.2f} | "
+                         f"{_fmt(r['peak_extra_mib'], '.1f')} | {_fmt(r['peak_extra_vs_largest_tensor'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = summary["sets"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.8), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        rows = [r for r in s["rows"] if r.get("ratio_to_fused_adamw") is not None]
+        names = [r["optimizer"] for r in rows]
+        vals = [r["ratio_to_fused_adamw"] for r in rows]
+        colors = ["#888888" if n.startswith("torch AdamW") else "#1f77b4" if n.startswith("largebatch") else "#d62728"
+                  for n in names]
+        ax.barh(range(len(rows)), vals, color=colors)
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.2f}×", va="center", fontsize=7)
+        ax.set_title(f"{s['set']} ({s['params_millions']:.1f} M params, {s['tensors']} tensors)", fontsize=9)
+        ax.set_xlabel("step time ÷ torch AdamW(fused=True), log scale")
+    fig.suptitle("One optimizer step, fp32, CPU (blue: largebatch, red: peers, grey: yardstick)", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write(summary: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "results.md").write_text(markdown(summary))
+    return [out_dir / "results.json", out_dir / "results.md", plot(summary, out_dir / "step_time.png")]
