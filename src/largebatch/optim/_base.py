@@ -124,10 +124,10 @@ class TrustRatioOptimizer(Optimizer):
             s = state_dict["state"].get(saved_id, {})
             for key in self._shaped_state_keys:
                 t = s.get(key)
-                if t is not None and tuple(t.shape) != tuple(local_tensor(p).shape):
+                if t is not None and tuple(t.shape) != tuple(p.shape):
                     raise ValueError(
                         f"Invalid state_dict: state[{saved_id}][{key!r}] has shape {tuple(t.shape)}, "
-                        f"the parameter has shape {tuple(local_tensor(p).shape)} (a different model?)")
+                        f"the parameter has shape {tuple(p.shape)} (a different model?)")
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             self._validate_group(group)
@@ -271,16 +271,19 @@ class TrustRatioOptimizer(Optimizer):
                 raise TypeError(f"{type(self).__name__} does not support sparse gradients")
             state = self.state[p]
             if len(state) == 0:
+                # state tensors are created like the parameter: DTensors for FSDP2 parameters, so that
+                # distributed checkpoints can reshard them; the maths runs on their local shards
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                x = local_tensor(p)
-                if group["master_weights"] and x.dtype in _LOW_PRECISION:
-                    state["master_param"] = x.detach().float().clone()
-                init_state(state.get("master_param", x), state)
+                if group["master_weights"] and p.dtype in _LOW_PRECISION:
+                    state["master_param"] = p.detach().float().clone()
+                init_state(state.get("master_param", p.detach()), state)
             x = state.get("master_param")
             if x is None:
                 x = local_tensor(p)
-            elif grad.dtype != x.dtype:
-                grad = grad.to(x.dtype)
+            else:
+                x = local_tensor(x)
+                if grad.dtype != x.dtype:
+                    grad = grad.to(x.dtype)
             indices.append(i)
             params.append(p)
             xs.append(x)
@@ -293,7 +296,7 @@ class TrustRatioOptimizer(Optimizer):
         for p, s in zip(params, states):
             master = s.get("master_param")
             if master is not None:
-                local_tensor(p).copy_(master)
+                local_tensor(p).copy_(local_tensor(master))
 
     @staticmethod
     def _advance_steps(states: list[dict]) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _kernel
-from ._base import TrustRatioOptimizer, check_choice, check_number, invalid
+from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor
 from .trust_ratio import trust_ratio
 
 BIAS_CORRECTION_CHOICES = ("inside", "step_size", "none")
@@ -154,20 +154,22 @@ class Lamb(TrustRatioOptimizer):
             if not params:
                 self._telemetry.pop(gi, None)
                 continue
-            ms = [s["exp_avg"] for s in states]
-            vs = [s["exp_avg_sq"] for s in states]
+            ms = [local_tensor(s["exp_avg"]) for s in states]
+            vs = [local_tensor(s["exp_avg_sq"]) for s in states]
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
             coefs = lamb_coefficients(self._advance_steps(states), lr=lr, beta1=beta1, beta2=beta2,
                                       bias_correction=group["bias_correction"], nesterov=group["nesterov"],
                                       grad_averaging=group["grad_averaging"])
             trust = _trust_mask(group, len(xs), xs[0].device)
+            # sharded (DTensor) parameters: the norms of the local shards must be summed across ranks
+            # before any ratio is taken, which the per-tensor fused kernel cannot do
+            sharded = any(getattr(p, "placements", None) is not None for p in params)
             impl = self._choose_impl(group, [xs, grads, ms, vs],
-                                     self._kernel_eligible(group, xs, grads, ms, vs))
+                                     not sharded and self._kernel_eligible(group, xs, grads, ms, vs))
             fn = {"fused": _fused_lamb, "foreach": _multi_tensor_lamb, "single_tensor": _single_tensor_lamb}[impl]
             norms = fn(xs, grads, ms, vs, coefs, trust, group, lr=lr, clip=clip, scratch=self._scratch,
-                       reduce_sq=lambda sq, ps=params: self._reduce_sq_norms(sq, ps),
-                       sharded=any(getattr(p, "placements", None) is not None for p in params))
+                       reduce_sq=lambda sq, ps=params: self._reduce_sq_norms(sq, ps), sharded=sharded)
             self._sync_master(params, states)
             self._telemetry[gi] = (self._names(gi, group, indices), norms)
         return loss

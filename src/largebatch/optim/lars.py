@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _kernel
-from ._base import TrustRatioOptimizer, check_choice, check_number, invalid
+from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor
 from .lamb import _norm, _ratios, _trust_mask
 from .trust_ratio import lars_2017_local_lr
 
@@ -94,14 +94,15 @@ class Lars(TrustRatioOptimizer):
                 self._telemetry.pop(gi, None)
                 continue
             self._advance_steps(states)
-            bufs = [s["momentum_buffer"] for s in states]
+            bufs = [local_tensor(s["momentum_buffer"]) for s in states]
             lr = float(group["lr"])
             trust = _trust_mask(group, len(xs), xs[0].device)
-            impl = self._choose_impl(group, [xs, grads, bufs], self._kernel_eligible(group, xs, grads, bufs))
+            sharded = any(getattr(p, "placements", None) is not None for p in params)  # see Lamb.step
+            impl = self._choose_impl(group, [xs, grads, bufs],
+                                     not sharded and self._kernel_eligible(group, xs, grads, bufs))
             fn = {"fused": _fused_lars, "foreach": _multi_tensor_lars, "single_tensor": _single_tensor_lars}[impl]
             norms = fn(xs, grads, bufs, trust, group, lr=lr, clip=clip,
-                       reduce_sq=lambda sq, ps=params: self._reduce_sq_norms(sq, ps),
-                       sharded=any(getattr(p, "placements", None) is not None for p in params))
+                       reduce_sq=lambda sq, ps=params: self._reduce_sq_norms(sq, ps), sharded=sharded)
             self._sync_master(params, states)
             self._telemetry[gi] = (self._names(gi, group, indices), norms)
         return loss

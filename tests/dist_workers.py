@@ -1,0 +1,68 @@
+"""Worker functions for the 2-process gloo tests (importable by spawned processes)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import largebatch
+
+CASES = {
+    "lamb": (largebatch.Lamb, dict(lr=0.05)),
+    "lamb_decayed": (largebatch.Lamb, dict(lr=0.05, trust_ratio="decayed")),
+    "lamb_no_trust": (largebatch.Lamb, dict(lr=0.05, trust_ratio=False)),
+    "lamb_clamp_norm_prenorm": (largebatch.Lamb, dict(lr=0.05, phi="clamp_norm", phi_min=0.0, phi_max=1.0,
+                                                      max_grad_norm=0.5)),
+    "lamb_foreach": (largebatch.Lamb, dict(lr=0.05, foreach=True, fused=False)),
+    "lars": (largebatch.Lars, dict(lr=0.05)),
+    "lars_2017": (largebatch.Lars, dict(lr=0.5, mode="2017")),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 7), nn.LayerNorm(7), nn.Linear(7, 3)).double()
+
+
+def fsdp_vs_unsharded(rank: int, world: int, port: int, out: str, per_slice: bool) -> None:
+    """Each rank trains an FSDP2-sharded copy and an unsharded copy on the same data; rank 0 writes
+    the largest difference per case. ``per_slice``: break the norm reduction (the test checks it fails)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if per_slice:
+        largebatch.Lamb._reduce_sq_norms = staticmethod(lambda sq, params: sq)
+        largebatch.Lars._reduce_sq_norms = staticmethod(lambda sq, params: sq)
+    mesh = init_device_mesh("cpu", (world,))
+    diffs = {}
+    for name, (cls, kw) in CASES.items():
+        sharded, ref = _model(), _model()
+        for m in sharded:
+            if any(True for _ in m.parameters()):
+                fully_shard(m, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        opt = cls(largebatch.param_groups(sharded), **kw)
+        ref_opt = cls(largebatch.param_groups(ref), **kw)
+        gen = torch.Generator().manual_seed(1)
+        worst = 0.0
+        for _ in range(5):
+            x = torch.randn(8, 6, dtype=torch.float64, generator=gen)
+            sharded(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ref(x).pow(2).mean().backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            for p, q in zip(sharded.parameters(), ref.parameters()):
+                worst = max(worst, (p.full_tensor() - q).abs().max().item())
+        diffs[name] = worst
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(diffs, f)
+    dist.barrier()
+    dist.destroy_process_group()
