@@ -1,5 +1,7 @@
 """Timing and memory of one optimizer step, all optimizers in one process, interleaved round-robin.
 
+Timing and memory are measured in separate passes (the memory probe disturbs the step after it).
+
 Memory: before a step, Linux's peak-RSS counter (VmHWM) is reset to the current RSS (``clear_refs``);
 after it, VmHWM − RSS-before is the peak extra memory the step touched. glibc's dynamic mmap threshold
 is pinned first (``mallopt``) so that every large temporary is a fresh mapping and is counted each step.
@@ -107,16 +109,17 @@ def bench_set(shapes, factories: dict, *, steps: int, warmup: int, memory: bool 
         gc.collect()
     for _ in range(steps):  # round-robin: every optimizer sees the same machine noise
         for name, opt in opts.items():
-            dt, peak = measured_step(opt) if memory else (None, None)
-            if dt is None:
-                t0 = time.perf_counter()
-                opt.step()
-                dt = time.perf_counter() - t0
-            results[name].times.append(dt)
-            if peak is not None:
-                results[name].peak_extra.append(peak)
+            t0 = time.perf_counter()
+            opt.step()
+            results[name].times.append(time.perf_counter() - t0)
             if progress is not None:
                 progress()
+    if memory:  # a separate pass: resetting the peak-RSS counter perturbs the timing of the next step
+        for name, opt in opts.items():
+            for _ in range(2):
+                _, peak = measured_step(opt)
+                if peak is not None:
+                    results[name].peak_extra.append(peak)
     for name, opt in opts.items():
         results[name].persistent = persistent_extra_bytes(opt)
     del opts
