@@ -97,6 +97,25 @@ def mask_tokens(seqs: Tensor, *, generator: torch.Generator, mask_id: int, vocab
     return inputs, labels
 
 
+class MaskedOnlyMLM(nn.Module):
+    """``BertForMaskedLM`` whose forward runs the vocabulary projection at the masked positions only.
+
+    Same submodules and state_dict keys as ``BertForMaskedLM`` (``bert.*``, ``cls.*``; decoder tied to
+    the word embeddings), so checkpoints load into either.
+    """
+
+    def __init__(self, config, model_cls):
+        super().__init__()
+        full = model_cls(config)
+        self.config = config
+        self.bert, self.cls = full.bert, full.cls
+
+    def forward(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        hidden = self.bert(input_ids=input_ids).last_hidden_state
+        where = labels != -100
+        return self.cls(hidden[where]), labels[where]
+
+
 @dataclass
 class MLMConfig:
     vocab_size: int = 4096
@@ -143,11 +162,11 @@ class MLMTask(Task):
         counts[self.special_ids] = 0
         self.most_frequent = int(counts.argmax())
         torch.manual_seed(cfg.seed)
-        self.model = BertForMaskedLM(BertConfig(
+        self.model = MaskedOnlyMLM(BertConfig(
             vocab_size=self.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
             num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
             max_position_embeddings=cfg.seq_len, hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout))
+            attention_probs_dropout_prob=cfg.dropout), BertForMaskedLM)
         self._eval_batches: dict[str, tuple[Tensor, Tensor]] = {}
 
     def describe(self) -> str:
@@ -165,10 +184,7 @@ class MLMTask(Task):
 
     @staticmethod
     def _masked_logits(model: nn.Module, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        core = getattr(model, "module", model)  # DDP / compiled wrappers
-        hidden = core.bert(input_ids=input_ids).last_hidden_state
-        where = labels != -100
-        return core.cls(hidden[where]), labels[where]
+        return model(input_ids, labels)  # through forward(): DDP's gradient hooks need that
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         logits, targets = self._masked_logits(model, batch["input_ids"], batch["labels"])

@@ -30,14 +30,20 @@ def accumulate_gradients(
     no_sync: Callable[[], Any] | None = None,
     autocast: Callable[[], Any] | None = None,
     backward: Callable[[Tensor], None] | None = None,
+    total: int | None = None,
+    scale: float = 1.0,
 ) -> tuple[float, int]:
     """Forward/backward every micro-batch, normalised by the true total count; returns (mean loss, count).
 
     ``count_fn(batch)`` gives a micro-batch's sample / masked-token count *before* any forward pass, so the
     normaliser is known up front. ``no_sync`` (DDP) wraps every micro-step but the last;
     ``autocast`` wraps forward passes; ``backward`` replaces ``loss.backward()`` (e.g. a GradScaler).
+    Data parallel: ``total`` is the count over ALL ranks and ``scale`` the world size (DDP averages
+    gradients over ranks, so each rank's sum/total is multiplied back); the returned loss is this rank's
+    summed loss divided by the global total.
     """
-    total = sum(count_fn(b) for b in micro_batches)
+    if total is None:
+        total = sum(count_fn(b) for b in micro_batches)
     if total == 0:
         raise ValueError("the effective batch has nothing to predict (0 samples / masked tokens)")
     loss_sum = 0.0
@@ -47,7 +53,7 @@ def accumulate_gradients(
         with sync_ctx:
             with autocast() if autocast is not None else contextlib.nullcontext():
                 summed, _ = loss_fn(model, batch)
-            scaled = summed / total
+            scaled = summed * (scale / total) if scale != 1.0 else summed / total
             (backward or Tensor.backward)(scaled)
         loss_sum += float(summed.detach())
     return loss_sum / total, total

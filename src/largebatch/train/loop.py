@@ -23,7 +23,10 @@ import torch
 from .. import schedules
 from ..optim import create_optimizer
 from .accumulation import accumulate_gradients, split_indices
-from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from . import distributed as D
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .precision import (NONFINITE_POLICIES, autocast, check_precision, grads_finite, optimizer_overrides,
+                        prepare_model)
 
 
 @dataclass
@@ -49,6 +52,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out: str = "runs/latest"
     threads: int | None = None
+    precision: str = "fp32"          # "fp32" | "bf16-autocast" | "bf16" (fp32 master weights in Lamb/Lars)
+    nonfinite: str = "skip"          # non-finite gradients: "skip" the step or "raise"
     progress: bool = True
     plot: bool = True
 
@@ -69,6 +74,9 @@ class TrainConfig:
             raise ValueError(f"Invalid warmup_steps: {self.warmup_steps!r} (allowed: >= 0)")
         if self.schedule not in ("poly", "constant"):
             raise ValueError(f"Invalid schedule: {self.schedule!r} (allowed: 'poly' | 'constant')")
+        check_precision(self.precision)
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite: {self.nonfinite!r} (allowed: {' | '.join(NONFINITE_POLICIES)})")
 
 
 def sample_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> torch.Tensor:
@@ -137,34 +145,45 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    ctx = D.init_from_env()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(resume) if resume else None
     torch.manual_seed(cfg.seed)
     if task is None:
-        task = build_task(cfg.task, seed=cfg.seed, **cfg.task_options)
-    model = task.model
+        with D.main_first(ctx):  # rank 0 trains and caches the tokenizer first
+            task = build_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    model = prepare_model(task.model, cfg.precision)
     model.train()
-    optimizer = create_optimizer(cfg.optimizer, model, lr=cfg.lr, **cfg.optimizer_options)
+    optimizer = create_optimizer(cfg.optimizer, model, lr=cfg.lr,
+                                 **{**optimizer_overrides(cfg.precision, cfg.optimizer), **cfg.optimizer_options})
     n = task.train_size
     total_steps = cfg.steps or schedules.steps_for_epochs(cfg.epochs, n, cfg.batch_size)
-    start_step = 0
+    start_step, skipped = 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        start_step = int(ckpt["step"])
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-    log = JsonlLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
-    accum = math.ceil(cfg.batch_size / cfg.micro_batch_size)
-    print(f"{task.describe()}\noptimizer {cfg.optimizer} ({type(optimizer).__name__}), effective batch "
-          f"{cfg.batch_size} = micro-batch {cfg.micro_batch_size} × {accum} accumulation steps × 1 process; "
-          f"{total_steps} steps ({total_steps * cfg.batch_size / n:.2f} epochs), peak LR {cfg.lr:g}, "
-          f"warmup {min(cfg.warmup_steps, total_steps)} steps"
-          + (f"; resumed at step {start_step} from {ckpt['path']}" if ckpt else ""), flush=True)
+        start_step, skipped = int(ckpt["step"]), int(ckpt.get("skipped_steps", 0))
+    train_model = D.wrap_model(model, ctx)
+    no_sync = D.no_sync(train_model, ctx)
+    amp = autocast(cfg.precision)
+    log = None
+    if ctx.is_main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        log = JsonlLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
+    per_rank = math.ceil(cfg.batch_size / ctx.world_size)
+    accum = math.ceil(per_rank / cfg.micro_batch_size)
+    if ctx.is_main:
+        print(f"{task.describe()}\noptimizer {cfg.optimizer} ({type(optimizer).__name__}), global effective batch "
+              f"{cfg.batch_size} = micro-batch {cfg.micro_batch_size} × {accum} accumulation steps × "
+              f"{ctx.world_size} process(es); {total_steps} steps ({total_steps * cfg.batch_size / n:.2f} epochs), "
+              f"peak LR {cfg.lr:g}, warmup {min(cfg.warmup_steps, total_steps)} steps, precision {cfg.precision}"
+              + (f"; resumed at step {start_step} from {ckpt['path']}" if ckpt else ""), flush=True)
 
     bar = None
-    if cfg.progress:
+    if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     t_last = time.perf_counter()
@@ -172,15 +191,25 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
     for step in range(start_step, total_steps):
         lr = lr_at(cfg, step, total_steps)
         schedules.set_lr(optimizer, lr)
-        indices = sample_indices(step, cfg.batch_size, n, cfg.seed)
-        micro = [task.batch(idx, step_generator(cfg.seed, step, i))
+        indices = D.rank_slice(sample_indices(step, cfg.batch_size, n, cfg.seed), ctx)
+        micro = [task.batch(idx, step_generator(cfg.seed, step, i + ctx.rank * 10_000))
                  for i, idx in enumerate(split_indices(indices, cfg.micro_batch_size))]
-        loss, count = accumulate_gradients(model, micro, task.loss, count_fn=task.count)
-        optimizer.step()
+        (total,) = D.all_reduce_sum([float(sum(task.count(b) for b in micro))], ctx)
+        local_loss, _ = accumulate_gradients(train_model, micro, task.loss, count_fn=task.count, no_sync=no_sync,
+                                             autocast=amp, total=int(total), scale=float(ctx.world_size))
+        (loss,) = D.all_reduce_sum([local_loss], ctx)
+        count = int(total)
+        if grads_finite(model):
+            optimizer.step()
+        elif cfg.nonfinite == "raise":
+            raise FloatingPointError(f"non-finite gradients at step {step + 1} (policy nonfinite='raise')")
+        else:
+            skipped += 1  # the optimizer's step counters do not advance
         optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
         record = {"step": step + 1, "samples": (step + 1) * cfg.batch_size, "lr": lr, "loss": loss,
-                  "count": count, "samples_per_s": cfg.batch_size / max(now - t_last, 1e-9)}
+                  "count": count, "samples_per_s": cfg.batch_size / max(now - t_last, 1e-9),
+                  "skipped_steps": skipped}
         t_last = now
         is_last = step + 1 == total_steps
         if cfg.log_every and ((step + 1) % cfg.log_every == 0 or is_last):
@@ -190,28 +219,33 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
             t_last = time.perf_counter()  # evaluation time is not training throughput
         if not math.isfinite(loss):
             record["diverged"] = True
-        log.write(record)
+        if log is not None:
+            log.write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.0f}")
             bar.update(1)
-        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or is_last:
+        if ctx.is_main and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or is_last):
             save_checkpoint({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "rng": rng_state(), "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
+                             "rng": rng_state(), "skipped_steps": skipped,
+                             "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
                             out, step + 1, keep=cfg.keep_checkpoints)
         if on_step is not None:
             on_step(step + 1, record)
         if not math.isfinite(loss):
-            print(f"loss is {loss} at step {step + 1}: stopping (diverged)", flush=True)
+            if ctx.is_main:
+                print(f"loss is {loss} at step {step + 1}: stopping (diverged)", flush=True)
             break
     if bar is not None:
         bar.close()
     final = {f"test_{k}": v for k, v in task.evaluate(model, "test").items()}
     summary = {"task": cfg.task, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "lr": cfg.lr,
-               "steps": record.get("step", start_step), "total_steps": total_steps, "final_loss": record.get("loss"),
-               "diverged": bool(record.get("diverged")),
+               "world_size": ctx.world_size, "steps": record.get("step", start_step), "total_steps": total_steps,
+               "final_loss": record.get("loss"), "diverged": bool(record.get("diverged")), "skipped_steps": skipped,
                **{k: v for k, v in record.items() if k.startswith(cfg.eval_split)}, **final}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if cfg.plot:
-        from ..plots import plot_runs
-        plot_runs([out], out / "curves.png")
+    if ctx.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.plot:
+            from ..plots import plot_runs
+            plot_runs([out], out / "curves.png")
+    D.shutdown(ctx)
     return summary

@@ -1,0 +1,1 @@
+"""Batch-scaling studies: suites as data, a resumable runner, and the report."""

@@ -1,0 +1,160 @@
+"""Run a suite: LR sweep at the smallest batch, then the batch ladder with the untuned √ rule.
+
+Resumable: every run lives in ``<out>/runs/<name>``; a finished run (``summary.json``) is never redone, an
+interrupted one continues from its last checkpoint. One overall progress bar with an ETA.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .. import schedules
+from .suites import Suite
+
+
+def run_name(optimizer: str, batch: int, lr: float, seed: int) -> str:
+    return f"{optimizer}-b{batch}-lr{lr:.3g}-s{seed}"
+
+
+class SuiteRunner:
+    def __init__(self, suite: Suite, out: str | Path, *, threads: int | None = None, progress: bool = True,
+                 verbose: bool = False):
+        self.suite, self.out = suite, Path(out)
+        self.threads, self.progress, self.verbose = threads, progress, verbose
+        self.runs_dir = self.out / "runs"
+        self._tasks: dict[str, Any] = {}
+        self.bar = None
+
+    # ------------------------------------------------------------------ one run
+    def _task(self, options: dict):
+        """A task per (options, seed), built once; each run starts from the seed's pristine weights."""
+        import copy
+
+        from ..tasks import build_task
+
+        key = json.dumps(options, sort_keys=True)
+        if key not in self._tasks:
+            task = build_task(self.suite.task, **options)  # the model is initialised from options["seed"]
+            self._tasks[key] = (task, copy.deepcopy(task.model.state_dict()))
+        task, pristine = self._tasks[key]
+        task.model.load_state_dict(pristine)
+        return task
+
+    def run_one(self, optimizer: str, batch: int, lr: float, seed: int, *, extra_task_options: dict | None = None,
+                name: str | None = None, tags: dict | None = None) -> dict:
+        """Train one configuration (or read its finished summary)."""
+        from ..train.checkpoint import list_checkpoints
+        from ..train.loop import TrainConfig, train
+
+        s = self.suite
+        run_dir = self.runs_dir / (name or run_name(optimizer, batch, lr, seed))
+        done = run_dir / "summary.json"
+        if done.exists():
+            summary = json.loads(done.read_text())
+        else:
+            task_options = {**s.task_options, **(extra_task_options or {}), "seed": seed}
+            task = self._task(task_options)
+            total = schedules.steps_for_epochs(s.epochs, task.train_size, batch)
+            cfg = TrainConfig(
+                task=s.task, task_options={k: v for k, v in task_options.items() if k != "seed"},
+                optimizer=optimizer, optimizer_options=dict(s.optimizer_options.get(optimizer, {})),
+                batch_size=batch, micro_batch_size=min(batch, s.micro_batch_size), lr=lr,
+                warmup_steps=min(s.warmup_steps, total), epochs=s.epochs, seed=seed,
+                eval_every=max(1, math.ceil(total / s.eval_points)), checkpoint_every=max(1, math.ceil(total / 4)),
+                keep_checkpoints=1, out=str(run_dir), threads=self.threads, progress=self.verbose, plot=False)
+            resume = str(run_dir) if list_checkpoints(run_dir) else None
+            import contextlib
+            import io
+            sink = contextlib.nullcontext() if self.verbose else contextlib.redirect_stdout(io.StringIO())
+            with sink:
+                summary = train(cfg, resume=resume, task=task)
+        summary.update(tags or {})
+        summary.update({"optimizer": optimizer, "batch_size": batch, "lr": lr, "seed": seed, "run": run_dir.name})
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(run=run_dir.name)
+        return summary
+
+    # ------------------------------------------------------------------ the protocol
+    def sweep(self, optimizer: str) -> tuple[float, list[dict]]:
+        """Base LR at the smallest batch, by validation loss; extend the grid while the best is at an edge."""
+        s = self.suite
+        grid = sorted(s.lr_grids[optimizer])
+        results: dict[float, dict] = {}
+        for _ in range(s.extend_grid + 1):
+            for lr in grid:
+                if lr not in results:
+                    results[lr] = self.run_one(optimizer, s.batches[0], lr, 0, tags={"kind": "sweep"})
+
+            def score(r):
+                v = r.get("validation_loss")
+                return v if v is not None and math.isfinite(v) and not r.get("diverged") else math.inf
+
+            best = min(results, key=lambda lr: score(results[lr]))
+            ordered = sorted(results)
+            if len(ordered) < 2 or (best != ordered[0] and best != ordered[-1]):
+                break
+            step = ordered[1] / ordered[0] if len(ordered) > 1 else 3.0
+            new = best / step if best == ordered[0] else best * step
+            grid = [new]
+            if self.bar is not None:
+                self.bar.total += 1
+                self.bar.refresh()
+        return best, list(results.values())
+
+    def plan_size(self) -> int:
+        s = self.suite
+        sweep = sum(len(g) for g in s.lr_grids.values())
+        ladder = sum((s.seeds_largest if b == s.batches[-1] else s.seeds) for b in s.batches) * len(s.lr_grids)
+        return sweep + ladder - len(s.lr_grids)  # the smallest batch's seed-0 run is a sweep run
+
+    def run(self) -> dict:
+        s = self.suite
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.plan_size(), desc=f"study {s.name}", unit="run", dynamic_ncols=True)
+        chosen = {}
+        for optimizer in s.lr_grids:
+            best, _ = self.sweep(optimizer)
+            chosen[optimizer] = best
+            for batch in s.batches:
+                lr = schedules.scale_lr(best, s.batches[0], batch, s.scaling)
+                for seed in range(s.seeds_largest if batch == s.batches[-1] else s.seeds):
+                    self.run_one(optimizer, batch, lr, seed, tags={"kind": "ladder"})
+        if self.bar is not None:
+            self.bar.close()
+        state = {"suite": s.name, "base_lr": chosen}
+        (self.out / "study.json").write_text(json.dumps(state, indent=2))
+        return state
+
+
+class FinetuneRunner(SuiteRunner):
+    """Fine-tune every ladder run of the source suite (``<out>/../<source>``) with one fixed recipe."""
+
+    def run(self) -> dict:
+        s = self.suite
+        source = self.out.parent / s.source / "runs"
+        sources = sorted(p for p in source.glob("*") if (p / "summary.json").exists()
+                         and json.loads((p / "summary.json").read_text()).get("kind") == "ladder")
+        if not sources:
+            raise FileNotFoundError(f"no finished {s.source} runs under {source}: run `largebatch study {s.source}` first")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=len(sources), desc=f"study {s.name}", unit="run", dynamic_ncols=True)
+        optimizer, (lr,) = next(iter(s.lr_grids.items()))
+        for src in sources:
+            meta = json.loads((src / "summary.json").read_text())
+            self._tasks.clear()  # the encoder differs per source run
+            self.run_one(optimizer, s.batches[0], lr, 0, extra_task_options={"checkpoint": str(src)},
+                         name=f"ft-{src.name}",
+                         tags={"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
+                               "pretrain_batch": meta["batch_size"], "pretrain_seed": meta["seed"],
+                               "pretrain_test_accuracy": meta.get("test_accuracy")})
+        if self.bar is not None:
+            self.bar.close()
+        return {"suite": s.name, "runs": len(sources)}

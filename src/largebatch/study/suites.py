@@ -1,0 +1,66 @@
+"""Built-in study suites, as data.
+
+Protocol (the paper's untuned rule, SPEC §4–5): each optimizer's base LR is swept at the SMALLEST batch
+only, chosen on the validation split (never the test split), the grid extended until the best value is
+inside it; every larger batch uses √ LR scaling, the same warmup steps and the same epoch budget (so
+proportionally fewer steps). STUDY-NOTES: the largest batch must still get ≥ ~300 optimizer steps, so the
+ladder starts small and the epoch budget is chosen with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    task: str
+    batches: tuple[int, ...]                 # the ladder; batches[0] is the sweep batch
+    epochs: float
+    warmup_steps: int
+    micro_batch_size: int
+    lr_grids: dict[str, tuple[float, ...]]   # optimizer -> initial base-LR grid (at batches[0])
+    task_options: dict[str, Any] = field(default_factory=dict)
+    optimizer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: int = 2                           # seeds per (optimizer, batch)
+    seeds_largest: int = 3                   # seeds at the largest batch
+    metric: str = "accuracy"                 # higher is better; test_<metric> is reported
+    target: float | None = None              # validation metric for "steps to target"
+    extend_grid: int = 2                     # max grid extensions when the best LR is at an edge
+    scaling: str = "sqrt"
+    eval_points: int = 8                     # evaluations per run (for curves and steps-to-target)
+    source: str | None = None                # finetune: the pre-training suite whose checkpoints are used
+    description: str = ""
+
+
+SUITES: dict[str, Suite] = {s.name: s for s in [
+    Suite("mlm-scaling", "mlm", batches=(16, 64, 256, 1024), epochs=20.0, warmup_steps=50,
+          micro_batch_size=256,
+          lr_grids={"lamb": (1e-3, 3e-3, 1e-2), "adamw": (3e-4, 1e-3, 3e-3), "lars": (1e-3, 3e-3, 1e-2)},
+          task_options=dict(vocab_size=4096, seq_len=32, hidden=64, layers=2, heads=2, intermediate=256),
+          target=0.10,
+          description="BERT MLM on Shakespeare (held out by play), batch 16 → 1024 (64×), LAMB vs AdamW vs LARS"),
+    Suite("image-scaling", "image", batches=(32, 128, 512, 2048), epochs=10.0, warmup_steps=50,
+          micro_batch_size=512,
+          lr_grids={"lamb": (1e-3, 3e-3, 1e-2), "lars": (3e-3, 1e-2, 3e-2), "adamw": (3e-4, 1e-3, 3e-3),
+                    "sgd": (1e-2, 3e-2, 1e-1)},
+          task_options=dict(width=16, blocks=1), target=0.85,
+          description="small ResNet on Fashion-MNIST, batch 32 → 2048 (64×), LAMB vs LARS vs AdamW vs SGD+momentum"),
+    Suite("finetune", "classify", batches=(32,), epochs=3.0, warmup_steps=10, micro_batch_size=32,
+          lr_grids={"adamw": (1e-3,)}, seeds=1, seeds_largest=1, source="mlm-scaling",
+          description="fine-tune every mlm-scaling checkpoint on BBC News: a downstream score per pre-training batch"),
+    Suite("smoke", "mlm", batches=(16, 64), epochs=1.0, warmup_steps=2, micro_batch_size=64,
+          lr_grids={"lamb": (3e-3, 1e-2), "adamw": (1e-3, 3e-3)},
+          task_options=dict(vocab_size=512, seq_len=32, hidden=32, layers=1, heads=2, intermediate=64,
+                            limit_train_sequences=256, max_eval_sequences=64),
+          seeds=1, seeds_largest=2, target=0.05, extend_grid=1, eval_points=3,
+          description="the whole pipeline in about a minute (CI)"),
+]}
+
+
+def get_suite(name: str) -> Suite:
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise ValueError(f"Invalid suite: {name!r} (allowed: {' | '.join(SUITES)})") from None

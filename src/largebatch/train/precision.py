@@ -1,0 +1,58 @@
+"""Mixed precision: bf16 autocast, bf16 parameters with fp32 master weights, non-finite gradient policy.
+
+- ``"fp32"``: everything in float32.
+- ``"bf16-autocast"``: float32 parameters and optimizer, forward passes under ``torch.autocast(bfloat16)``.
+- ``"bf16"``: bfloat16 parameters and gradients; ``Lamb``/``Lars`` keep fp32 master weights and fp32
+  moments (``master_weights=True``), saved in checkpoints with the rest of the optimizer state.
+
+Non-finite gradients are detected with ONE reduction over all gradients (no host sync per tensor); the
+policy either skips the step (the optimizer's step counters do not advance; the count is logged) or raises.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"Invalid precision: {precision!r} (allowed: {' | '.join(PRECISIONS)})")
+
+
+def prepare_model(model: nn.Module, precision: str) -> nn.Module:
+    check_precision(precision)
+    return model.to(torch.bfloat16) if precision == "bf16" else model
+
+
+def optimizer_overrides(precision: str, optimizer_name: str) -> dict:
+    if precision != "bf16":
+        return {}
+    if optimizer_name.lower() in ("adamw", "adam", "sgd"):
+        raise ValueError(f"precision 'bf16' keeps fp32 master weights inside largebatch's Lamb/Lars; "
+                         f"{optimizer_name!r} has none (use precision 'bf16-autocast')")
+    return {"master_weights": True}
+
+
+def autocast(precision: str, device_type: str = "cpu"):
+    if precision == "bf16-autocast":
+        return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+    return None
+
+
+def grads_finite(model: nn.Module) -> bool:
+    """One fused norm over all gradients and one host sync per step."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads, 2)
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum()))
+
+
+@contextlib.contextmanager
+def nullcontext():
+    yield

@@ -1,0 +1,50 @@
+"""DDP under torchrun (2 gloo processes) with accumulation equals one process on the same global batch."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from largebatch.train.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    from largebatch.train.loop import TrainConfig, train
+    train(TrainConfig(**json.loads(sys.argv[1])))
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_with_accumulation_equals_single_process(tmp_path):
+    # classify from scratch, dropout 0: batch() draws no randomness, so both runs see identical data
+    base = dict(task="classify", optimizer="lamb", batch_size=24, micro_batch_size=5, lr=1e-2, warmup_steps=1,
+                steps=3, progress=False, plot=False, threads=1, checkpoint_every=0,
+                task_options=dict(checkpoint=None, seq_len=32, dropout=0.0, limit_train=48))
+    env = {**os.environ, "LARGEBATCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-c", DRIVER, json.dumps({**base, "out": str(tmp_path / "one")})],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                          "--no-python", sys.executable, "-c", DRIVER,
+                          json.dumps({**base, "out": str(tmp_path / "two")})],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "× 2 process(es)" in ddp.stdout  # the global effective batch is reported at start
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    la = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-5)
