@@ -129,6 +129,15 @@ class TrustRatioOptimizer(Optimizer):
                         f"Invalid state_dict: state[{saved_id}][{key!r}] has shape {tuple(t.shape)}, "
                         f"the parameter has shape {tuple(p.shape)} (a different model?)")
         super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype on load; with master weights the masters and
+        # moments of a bf16 parameter are float32 and must come back bit for bit
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            if "master_param" in saved:
+                state = self.state[p]
+                for key, value in saved.items():
+                    if key != "step" and torch.is_tensor(value) and value.dtype != state[key].dtype:
+                        state[key] = value.to(device=state[key].device, copy=True)
         for group in self.param_groups:
             self._validate_group(group)
 

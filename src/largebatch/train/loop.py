@@ -79,6 +79,9 @@ class TrainConfig:
             raise ValueError(f"Invalid nonfinite: {self.nonfinite!r} (allowed: {' | '.join(NONFINITE_POLICIES)})")
 
 
+MAX_CONSECUTIVE_SKIPS = 10
+
+
 def sample_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> torch.Tensor:
     """Indices of the samples of ``step``: positions [step·B, (step+1)·B) of the stream formed by one
     seeded permutation per epoch. A pure function, so resuming needs no sampler state."""
@@ -188,6 +191,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
         bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     t_last = time.perf_counter()
     record: dict[str, Any] = {}
+    consecutive_skips = 0
     for step in range(start_step, total_steps):
         lr = lr_at(cfg, step, total_steps)
         schedules.set_lr(optimizer, lr)
@@ -199,12 +203,15 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
                                              autocast=amp, total=int(total), scale=float(ctx.world_size))
         (loss,) = D.all_reduce_sum([local_loss], ctx)
         count = int(total)
-        if grads_finite(model):
+        finite = grads_finite(model)
+        if finite:
             optimizer.step()
+            consecutive_skips = 0
         elif cfg.nonfinite == "raise":
             raise FloatingPointError(f"non-finite gradients at step {step + 1} (policy nonfinite='raise')")
         else:
             skipped += 1  # the optimizer's step counters do not advance
+            consecutive_skips += 1
         optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
         record = {"step": step + 1, "samples": (step + 1) * cfg.batch_size, "lr": lr, "loss": loss,
@@ -217,7 +224,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or is_last:
             record.update({f"{cfg.eval_split}_{k}": v for k, v in task.evaluate(model, cfg.eval_split).items()})
             t_last = time.perf_counter()  # evaluation time is not training throughput
-        if not math.isfinite(loss):
+        # a skipped step is not a divergence, unless nothing but skips happen for MAX_CONSECUTIVE_SKIPS steps
+        if (not math.isfinite(loss) and finite) or consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
             record["diverged"] = True
         if log is not None:
             log.write(record)
@@ -231,9 +239,10 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
                             out, step + 1, keep=cfg.keep_checkpoints)
         if on_step is not None:
             on_step(step + 1, record)
-        if not math.isfinite(loss):
+        if record.get("diverged"):
             if ctx.is_main:
-                print(f"loss is {loss} at step {step + 1}: stopping (diverged)", flush=True)
+                print(f"loss is {loss} at step {step + 1} ({consecutive_skips} consecutive skipped steps): "
+                      "stopping (diverged)", flush=True)
             break
     if bar is not None:
         bar.close()
