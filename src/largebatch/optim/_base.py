@@ -3,7 +3,7 @@ sharded norm reduction, implementation choice and per-tensor telemetry."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -158,6 +158,37 @@ class TrustRatioOptimizer(Optimizer):
     def telemetry_tensor(self, group_index: int = 0) -> tuple[list[str], Tensor]:
         """(names, [n, 3] tensor of param_norm, update_norm, trust_ratio) of one group, no copy."""
         return self._telemetry[group_index]
+
+    # ------------------------------------------------------------------ step()
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every group; the maths is the subclass's ``_step_group``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        clip = self._global_clip_coef()
+        for gi, group in enumerate(self.param_groups):
+            indices, params, xs, grads, states = self._collect(group, self._init_state)
+            if not params:
+                self._telemetry.pop(gi, None)
+                continue
+            # sharded (DTensor) parameters: the norms of the local shards must be summed across ranks
+            # before any ratio is taken, which the per-tensor fused kernel cannot do
+            sharded = any(getattr(p, "placements", None) is not None for p in params)
+            norms = self._step_group(group, params, xs, grads, states, clip=clip, sharded=sharded,
+                                     trust=trust_mask(group, len(xs), xs[0].device))
+            self._sync_master(params, states)
+            self._telemetry[gi] = (self._names(gi, group, indices), norms)
+        return loss
+
+    def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust) -> Tensor:
+        """Update one group's tensors; return [n, 3] (‖x‖, ‖u‖, ratio). Subclasses implement it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _init_state(x: Tensor, state: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers for step()
     def _scratch(self, dtype: torch.dtype, numel: int) -> Tensor:
@@ -315,5 +346,8 @@ class TrustRatioOptimizer(Optimizer):
         return torch.stack(steps).double()
 
 
-def as_list(params: Iterable[Tensor] | Tensor) -> list[Tensor]:
-    return [params] if isinstance(params, Tensor) else list(params)
+def trust_mask(group: dict[str, Any], n: int, device: torch.device) -> Tensor:
+    """Which tensors of the group get a trust ratio (True / False / only when weight decay ≠ 0)."""
+    mode = group["trust_ratio"]
+    on = mode is True or (mode == "decayed" and group["weight_decay"] != 0)
+    return torch.full((n,), on, dtype=torch.bool, device=device)

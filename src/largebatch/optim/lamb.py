@@ -65,13 +65,6 @@ def lamb_coefficients(steps: Tensor, *, lr: float, beta1: float, beta2: float, b
     return torch.stack([a_m, b_m, a_v, b_v, scale], dim=1)
 
 
-def _trust_mask(group: dict[str, Any], n: int, device: torch.device) -> Tensor:
-    """Which tensors of the group get a trust ratio (True / False / only when weight decay ≠ 0)."""
-    mode = group["trust_ratio"]
-    on = mode is True or (mode == "decayed" and group["weight_decay"] != 0)
-    return torch.full((n,), on, dtype=torch.bool, device=device)
-
-
 class Lamb(TrustRatioOptimizer):
     r"""LAMB, defaults = the paper's Algorithm 2 (β=(0.9, 0.999), ε=1e-6 outside √, λ=0.01 inside the ratio).
 
@@ -142,37 +135,19 @@ class Lamb(TrustRatioOptimizer):
         state["exp_avg"] = torch.zeros_like(x, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(x, memory_format=torch.preserve_format)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        clip = self._global_clip_coef()
-        for gi, group in enumerate(self.param_groups):
-            indices, params, xs, grads, states = self._collect(group, self._init_state)
-            if not params:
-                self._telemetry.pop(gi, None)
-                continue
-            ms = [local_tensor(s["exp_avg"]) for s in states]
-            vs = [local_tensor(s["exp_avg_sq"]) for s in states]
-            beta1, beta2 = group["betas"]
-            lr = float(group["lr"])
-            coefs = lamb_coefficients(self._advance_steps(states), lr=lr, beta1=beta1, beta2=beta2,
-                                      bias_correction=group["bias_correction"], nesterov=group["nesterov"],
-                                      grad_averaging=group["grad_averaging"])
-            trust = _trust_mask(group, len(xs), xs[0].device)
-            # sharded (DTensor) parameters: the norms of the local shards must be summed across ranks
-            # before any ratio is taken, which the per-tensor fused kernel cannot do
-            sharded = any(getattr(p, "placements", None) is not None for p in params)
-            impl = self._choose_impl(group, [xs, grads, ms, vs],
-                                     not sharded and self._kernel_eligible(group, xs, grads, ms, vs))
-            fn = {"fused": _fused_lamb, "foreach": _multi_tensor_lamb, "single_tensor": _single_tensor_lamb}[impl]
-            norms = fn(xs, grads, ms, vs, coefs, trust, group, lr=lr, clip=clip, scratch=self._scratch,
-                       reduce_sq=lambda sq, ps=params: self._reduce_sq_norms(sq, ps), sharded=sharded)
-            self._sync_master(params, states)
-            self._telemetry[gi] = (self._names(gi, group, indices), norms)
-        return loss
+    def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust):
+        ms = [local_tensor(s["exp_avg"]) for s in states]
+        vs = [local_tensor(s["exp_avg_sq"]) for s in states]
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        coefs = lamb_coefficients(self._advance_steps(states), lr=lr, beta1=beta1, beta2=beta2,
+                                  bias_correction=group["bias_correction"], nesterov=group["nesterov"],
+                                  grad_averaging=group["grad_averaging"])
+        impl = self._choose_impl(group, [xs, grads, ms, vs],
+                                 not sharded and self._kernel_eligible(group, xs, grads, ms, vs))
+        fn = {"fused": _fused_lamb, "foreach": _multi_tensor_lamb, "single_tensor": _single_tensor_lamb}[impl]
+        return fn(xs, grads, ms, vs, coefs, trust, group, lr=lr, clip=clip, scratch=self._scratch,
+                  reduce_sq=lambda sq: self._reduce_sq_norms(sq, params), sharded=sharded)
 
 
 # ---------------------------------------------------------------------------------------- kernels

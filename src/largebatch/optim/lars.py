@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import _kernel
 from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor
-from .lamb import _norm, _ratios, _trust_mask
+from .lamb import _norm, _ratios
 from .trust_ratio import lars_2017_local_lr
 
 MODE_CHOICES = ("paper", "2017")
@@ -81,31 +81,14 @@ class Lars(TrustRatioOptimizer):
     def _init_state(x: Tensor, state: dict) -> None:
         state["momentum_buffer"] = torch.zeros_like(x, memory_format=torch.preserve_format)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        clip = self._global_clip_coef()
-        for gi, group in enumerate(self.param_groups):
-            indices, params, xs, grads, states = self._collect(group, self._init_state)
-            if not params:
-                self._telemetry.pop(gi, None)
-                continue
-            self._advance_steps(states)
-            bufs = [local_tensor(s["momentum_buffer"]) for s in states]
-            lr = float(group["lr"])
-            trust = _trust_mask(group, len(xs), xs[0].device)
-            sharded = any(getattr(p, "placements", None) is not None for p in params)  # see Lamb.step
-            impl = self._choose_impl(group, [xs, grads, bufs],
-                                     not sharded and self._kernel_eligible(group, xs, grads, bufs))
-            fn = {"fused": _fused_lars, "foreach": _multi_tensor_lars, "single_tensor": _single_tensor_lars}[impl]
-            norms = fn(xs, grads, bufs, trust, group, lr=lr, clip=clip,
-                       reduce_sq=lambda sq, ps=params: self._reduce_sq_norms(sq, ps), sharded=sharded)
-            self._sync_master(params, states)
-            self._telemetry[gi] = (self._names(gi, group, indices), norms)
-        return loss
+    def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust):
+        self._advance_steps(states)
+        bufs = [local_tensor(s["momentum_buffer"]) for s in states]
+        impl = self._choose_impl(group, [xs, grads, bufs],
+                                 not sharded and self._kernel_eligible(group, xs, grads, bufs))
+        fn = {"fused": _fused_lars, "foreach": _multi_tensor_lars, "single_tensor": _single_tensor_lars}[impl]
+        return fn(xs, grads, bufs, trust, group, lr=float(group["lr"]), clip=clip,
+                  reduce_sq=lambda sq: self._reduce_sq_norms(sq, params), sharded=sharded)
 
 
 def _local_lrs(xn: Tensor, gn: Tensor, trust: Tensor, group: dict, lr: float) -> Tensor:
