@@ -48,3 +48,39 @@ def test_ddp_with_accumulation_equals_single_process(tmp_path):
     la = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-5)
+
+
+KILL_DRIVER = textwrap.dedent("""
+    import json, os, signal, sys
+    from largebatch.train.loop import TrainConfig, train
+    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    kill_at = int(sys.argv[2])
+    def on_step(step, record):
+        if step == kill_at and int(os.environ.get("RANK", "0")) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)   # one rank dies mid-run
+    train(cfg, resume=sys.argv[3] if len(sys.argv) > 3 else None, on_step=on_step)
+""")
+
+
+def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
+    base = dict(task="classify", optimizer="lamb", batch_size=24, micro_batch_size=6, lr=1e-2, warmup_steps=1,
+                steps=5, progress=False, plot=False, threads=1, checkpoint_every=1, keep_checkpoints=3,
+                out=str(tmp_path / "run"), task_options=dict(checkpoint=None, seq_len=32, dropout=0.0, limit_train=48))
+    env = {**os.environ, "LARGEBATCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+    def torchrun(nproc, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--no-python",
+                               sys.executable, "-c", KILL_DRIVER, json.dumps(base), *extra],
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    killed = torchrun(2, "3")
+    assert killed.returncode != 0  # torchrun tears the job down and reports the failed rank
+    assert "SIGKILL" in killed.stderr or "Signal 9" in killed.stderr or "exitcode" in killed.stderr
+    last = load_checkpoint(tmp_path / "run")
+    assert 1 <= last["step"] <= 3
+    # resume on a different world size (1 process): DDP state is replicated, so this is correct too
+    resumed = torchrun(1, "-1", str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {last['step']}" in resumed.stdout
+    assert load_checkpoint(tmp_path / "run")["step"] == 5

@@ -35,3 +35,10 @@ def test_per_slice_norms_are_caught(tmp_path):
     trusting = [n for n in diffs if n != "lamb_no_trust"]
     assert all(diffs[n] > 1e-6 for n in trusting), diffs
     assert diffs["lamb_no_trust"] < 1e-12  # no trust ratio: nothing depends on the norms
+
+
+def test_zero_redundancy_optimizer_equals_unsharded(tmp_path):
+    out = tmp_path / "zero.json"
+    mp.spawn(dist_workers.zero_vs_unsharded, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    diffs = json.loads(out.read_text())
+    assert len(diffs) == 4 and all(d < 1e-12 for d in diffs.values()), diffs
