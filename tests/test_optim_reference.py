@@ -1,0 +1,262 @@
+"""Table-driven: every flag value and every preset × every implementation path × dtype, pinned step by step
+to the paper-literal float64 reference (tests/reference.py), in the spirit of torch's OptimizerInfo.
+
+Tolerances (relative on the parameters, compared after EVERY step, 10 steps):
+  float64  1e-12 (atol 1e-13)   — the three paths do the same arithmetic in a different order
+  float32  1e-5  (atol 1e-6)    — the float32 paths against the float64 reference, grads rounded to f32 first
+  bfloat16 see BF16_* below     — bf16 params without master weights round every update (2^-8 ≈ 4e-3)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import largebatch
+from largebatch.optim.presets import PRESETS
+from reference import ReferenceLamb, ReferenceLars
+
+IMPLS = {
+    "fused": dict(fused=True),
+    "foreach": dict(foreach=True, fused=False),
+    "single_tensor": dict(foreach=False, fused=False),
+}
+# group 0 (λ from the case): 0-d, 1-d, zero-size, 2-d, a zero-initialised 1-d, a 3-d whose grad is None for
+# the first 3 steps, and one that never has a gradient; group 1 (λ = 0): a bias-like 1-d and a 2-d.
+GROUP0 = [(), (5,), (0,), (6, 4), (8,), (3, 2, 5), (4,)]
+GROUP1 = [(7,), (3, 3)]
+ZERO_INIT = (0, 4)
+LATE_GRAD = (0, 5)
+NEVER_GRAD = (0, 6)
+STEPS = 10
+
+LAMB_CASES = {
+    "paper": {},
+    "bias_inside": dict(bias_correction="inside"),
+    "bias_step_size": dict(bias_correction="step_size"),
+    "bias_none": dict(bias_correction="none"),
+    "wd_decoupled": dict(weight_decay_mode="decoupled", weight_decay=0.1),
+    "wd_l2": dict(weight_decay_mode="l2", weight_decay=0.1),
+    "wd_decoupled_outside": dict(weight_decay_mode="decoupled_outside", weight_decay=0.1),
+    "wd_outside_step_size": dict(weight_decay_mode="decoupled_outside", weight_decay=0.1,
+                                 bias_correction="step_size"),
+    "wd_l2_bias_none": dict(weight_decay_mode="l2", bias_correction="none"),
+    "wd0": dict(weight_decay=0.0),
+    "trust_true": dict(trust_ratio=True),
+    "trust_false": dict(trust_ratio=False),
+    "trust_decayed": dict(trust_ratio="decayed"),
+    "trust_decayed_wd0": dict(trust_ratio="decayed", weight_decay=0.0),
+    "phi_identity": dict(phi="identity"),
+    "phi_clamp_norm": dict(phi="clamp_norm", phi_min=0.0, phi_max=2.0),
+    "phi_clamp_norm_min_only": dict(phi="clamp_norm", phi_min=3.0),
+    "phi_clamp_ratio": dict(phi="clamp_ratio", phi_min=0.3, phi_max=0.8),
+    "phi_clamp_ratio_max_only": dict(phi="clamp_ratio", phi_max=0.5),
+    "phi_cap_ratio": dict(phi="cap_ratio"),
+    "max_grad_norm_active": dict(max_grad_norm=1.0),
+    "max_grad_norm_inactive": dict(max_grad_norm=1e6),
+    "eps_inside_sqrt": dict(eps_inside_sqrt=True, eps=1e-3),
+    "eps_outside_large": dict(eps=1e-2),
+    "no_grad_averaging": dict(grad_averaging=False),
+    "nesterov_n": dict(nesterov="n-lamb"),
+    "nesterov_nn": dict(nesterov="nn-lamb"),
+    "nesterov_nn_bias_none": dict(nesterov="nn-lamb", bias_correction="none"),
+    "nesterov_n_no_grad_averaging": dict(nesterov="n-lamb", grad_averaging=False),
+    "betas": dict(betas=(0.5, 0.9)),
+}
+LARS_CASES = {
+    "paper": {},
+    "paper_nesterov": dict(nesterov=True),
+    "paper_no_grad_averaging": dict(grad_averaging=False),
+    "paper_trust_false": dict(trust_ratio=False),
+    "paper_trust_decayed_wd0": dict(trust_ratio="decayed", weight_decay=0.0),
+    "paper_wd0": dict(weight_decay=0.0),
+    "paper_clamp_norm": dict(phi="clamp_norm", phi_min=0.0, phi_max=2.0),
+    "paper_clamp_ratio": dict(phi="clamp_ratio", phi_min=0.3, phi_max=0.8),
+    "paper_cap_ratio": dict(phi="cap_ratio", lr=2.0),
+    "paper_max_grad_norm": dict(max_grad_norm=1.0),
+    "2017": dict(mode="2017", lr=0.5),
+    "2017_nesterov": dict(mode="2017", lr=0.5, nesterov=True),
+    "2017_trust_false": dict(mode="2017", lr=0.5, trust_ratio=False),
+    "2017_trust_decayed": dict(mode="2017", lr=0.5, trust_ratio="decayed"),
+    "2017_tc_eps": dict(mode="2017", lr=0.5, trust_coefficient=0.02, eps=0.1),
+    "2017_max_grad_norm": dict(mode="2017", lr=0.5, max_grad_norm=1.0),
+    "larc_clip_inactive": dict(mode="2017", lr=0.5, larc_clip=True, trust_coefficient=0.02),
+    "larc_clip_active": dict(mode="2017", lr=1e-3, larc_clip=True, trust_coefficient=0.02),
+    "larc_nesterov": dict(mode="2017", lr=0.01, larc_clip=True, trust_coefficient=0.02, nesterov=True),
+}
+LAMB_LR, LARS_LR = 0.02, 0.1
+for _name, _preset in PRESETS.items():
+    _table = LAMB_CASES if _preset.optimizer == "lamb" else LARS_CASES
+    _opts = dict(_preset.options)
+    _opts.pop("lr", None)  # the preset's flags with the table's LR (large enough for the ratios to matter)
+    _table[f"preset_{_name}"] = _opts
+
+OPTIMIZERS = {"lamb": (largebatch.Lamb, ReferenceLamb, LAMB_CASES, LAMB_LR),
+              "lars": (largebatch.Lars, ReferenceLars, LARS_CASES, LARS_LR)}
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-13), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+BF16_TOL = dict(rtol=3e-2, atol=3e-2)           # bf16 parameters, no master weights
+BF16_MASTER_TOL = dict(rtol=1e-5, atol=1e-6)    # fp32 master weights: the master must match like float32
+
+
+def make_problem(dtype, seed=0, group0=GROUP0, group1=GROUP1, steps=STEPS, grad_scale=1.0):
+    """Initial params (rounded to dtype) and per-step grads (rounded to dtype), all returned as float64."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).double()
+
+    params = [[rnd(s) for s in group0], [rnd(s) for s in group1]]
+    if len(group0) > ZERO_INIT[1]:
+        params[0][ZERO_INIT[1]].zero_()
+    grads = []
+    for k in range(steps):
+        step = [[rnd(s, grad_scale * (0.2 + 0.3 * k)) for s in group0], [rnd(s, grad_scale) for s in group1]]
+        if len(group0) > NEVER_GRAD[1]:
+            step[0][NEVER_GRAD[1]] = None
+        if len(group0) > LATE_GRAD[1] and k < 3:
+            step[0][LATE_GRAD[1]] = None
+        grads.append(step)
+    return params, grads
+
+
+def run_pair(opt_name, options, impl, dtype, *, seed=0, master_weights=False, problem=None,
+             check_each_step=True, tol=None):
+    cls, ref_cls, _, default_lr = OPTIMIZERS[opt_name]
+    options = {"lr": default_lr, **options}
+    params, grads = problem or make_problem(dtype, seed)
+    wd = options.get("weight_decay", 0.01)
+    ref = ref_cls([{"params": params[0], "weight_decay": wd}, {"params": params[1], "weight_decay": 0.0}],
+                  **options)
+    ps = [[torch.nn.Parameter(p.to(dtype)) for p in group] for group in params]
+    extra = dict(master_weights=True) if master_weights else {}
+    opt = cls([{"params": ps[0], "weight_decay": wd}, {"params": ps[1], "weight_decay": 0.0}],
+              **options, **IMPLS[impl], **extra)
+    tol = tol or TOL.get(dtype)
+    for k, step_grads in enumerate(grads):
+        for group, group_grads in zip(ps, step_grads):
+            for p, g in zip(group, group_grads):
+                p.grad = None if g is None else g.to(dtype)
+        grads_before = [[None if p.grad is None else p.grad.clone() for p in group] for group in ps]
+        opt.step()
+        ref.step(step_grads)
+        for group, before in zip(ps, grads_before):   # step() never mutates p.grad (every path)
+            for p, b in zip(group, before):
+                assert (p.grad is None and b is None) or torch.equal(p.grad, b), "step() mutated p.grad"
+        if check_each_step or k == len(grads) - 1:
+            compare(opt, ps, ref, dtype, tol, master_weights, step=k + 1)
+    return opt, ps, ref
+
+
+def compare(opt, ps, ref, dtype, tol, master_weights, step):
+    for gi, group in enumerate(ps):
+        for pi, p in enumerate(group):
+            got = opt.state[p]["master_param"] if master_weights and p in opt.state else p.detach()
+            torch.testing.assert_close(got.double(), ref.groups[gi]["params"][pi], **tol,
+                                       msg=lambda m: f"step {step}, group {gi}, tensor {pi}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", LAMB_CASES)
+def test_lamb_matches_reference(case, impl, dtype):
+    opt, ps, ref = run_pair("lamb", LAMB_CASES[case], impl, dtype)
+    check_telemetry(opt, ref, dtype)
+    check_step_counters(opt, ps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", LARS_CASES)
+def test_lars_matches_reference(case, impl, dtype):
+    opt, ps, ref = run_pair("lars", LARS_CASES[case], impl, dtype)
+    check_telemetry(opt, ref, dtype)
+    check_step_counters(opt, ps)
+
+
+def check_telemetry(opt, ref, dtype):
+    """telemetry() reports the reference's ‖x‖, ‖u‖ (‖g‖ for LARS 2017) and ratio of the last step."""
+    tele = opt.telemetry()
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    assert set(tele) == {f"group{gi}.{pi}" for gi, pi in ref.norms}
+    for (gi, pi), (xn, un, ratio) in ref.norms.items():
+        got = tele[f"group{gi}.{pi}"]
+        assert got["param_norm"] == pytest.approx(xn, rel=rel, abs=1e-12)
+        assert got["update_norm"] == pytest.approx(un, rel=rel, abs=1e-12)
+        assert got["trust_ratio"] == pytest.approx(ratio, rel=rel, abs=1e-12)
+
+
+def check_step_counters(opt, ps):
+    """The step counter is per parameter: the late-grad tensor is 3 steps behind, the never-grad one has no state."""
+    late, never = ps[LATE_GRAD[0]][LATE_GRAD[1]], ps[NEVER_GRAD[0]][NEVER_GRAD[1]]
+    assert float(opt.state[ps[0][0]]["step"]) == STEPS
+    assert float(opt.state[late]["step"]) == STEPS - 3
+    assert len(opt.state.get(never, {})) == 0 and not never.detach().isnan().any()
+
+
+BF16_CASES = {"lamb": ["paper", "wd_l2", "nesterov_nn", "trust_decayed", "max_grad_norm_active"],
+              "lars": ["paper", "2017", "larc_clip_active"]}
+
+
+@pytest.mark.parametrize("impl", ["foreach", "single_tensor"])
+@pytest.mark.parametrize("opt_case", [f"{o}:{c}" for o, cs in BF16_CASES.items() for c in cs])
+def test_bf16_params_within_loose_tolerance(opt_case, impl):
+    opt_name, case = opt_case.split(":")
+    cases = OPTIMIZERS[opt_name][2]
+    run_pair(opt_name, cases[case], impl, torch.bfloat16, tol=BF16_TOL)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "single_tensor"])
+@pytest.mark.parametrize("opt_case", [f"{o}:{c}" for o, cs in BF16_CASES.items() for c in cs])
+def test_bf16_master_weights_match_like_float32(opt_case, impl):
+    opt_name, case = opt_case.split(":")
+    cases = OPTIMIZERS[opt_name][2]
+    opt, ps, ref = run_pair(opt_name, cases[case], impl, torch.bfloat16, master_weights=True,
+                            tol=BF16_MASTER_TOL)
+    for gi, group in enumerate(ps):          # the bf16 parameter is the rounded master
+        for pi, p in enumerate(group):
+            if p in opt.state and len(opt.state[p]):
+                assert torch.equal(p.detach(), opt.state[p]["master_param"].to(torch.bfloat16))
+
+
+def test_fused_rejects_bf16():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        largebatch.Lamb([p], fused=True).step()
+
+
+def test_implementations_agree_bitwise_in_structure_on_large_tensor():
+    """A tensor large enough to cross the C kernel's chunking, all paths vs the reference (float64)."""
+    problem = make_problem(torch.float64, seed=3, group0=[(70_001,), (3,)], group1=[(129, 33)], steps=3)
+    for impl in IMPLS:
+        run_pair("lamb", {}, impl, torch.float64, problem=problem)
+        run_pair("lars", {}, impl, torch.float64, problem=problem)
+
+
+# ------------------------------------------------------------------ hypothesis: shapes and hyperparameters
+shapes = st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes=shapes, lr=st.floats(1e-4, 0.5), beta1=st.floats(0.0, 0.99), beta2=st.floats(0.5, 0.9999),
+       eps=st.floats(1e-10, 1e-2), wd=st.floats(0.0, 2.0), seed=st.integers(0, 2**16),
+       bias=st.sampled_from(["inside", "step_size", "none"]),
+       mode=st.sampled_from(["decoupled", "l2", "decoupled_outside"]),
+       impl=st.sampled_from(list(IMPLS)))
+def test_lamb_random_shapes_and_hyperparameters(shapes, lr, beta1, beta2, eps, wd, seed, bias, mode, impl):
+    problem = make_problem(torch.float64, seed, group0=shapes, group1=[(2,)], steps=4)
+    options = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd, bias_correction=bias,
+                   weight_decay_mode=mode)
+    run_pair("lamb", options, impl, torch.float64, problem=problem, tol=dict(rtol=1e-10, atol=1e-12))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes=shapes, lr=st.floats(1e-4, 1.0), momentum=st.floats(0.0, 0.99), wd=st.floats(0.0, 1.0),
+       tc=st.floats(1e-4, 1.0), seed=st.integers(0, 2**16), mode=st.sampled_from(["paper", "2017"]),
+       nesterov=st.booleans(), impl=st.sampled_from(list(IMPLS)))
+def test_lars_random_shapes_and_hyperparameters(shapes, lr, momentum, wd, tc, seed, mode, nesterov, impl):
+    problem = make_problem(torch.float64, seed, group0=shapes, group1=[(2,)], steps=4)
+    options = dict(lr=lr, momentum=momentum, weight_decay=wd, mode=mode, nesterov=nesterov,
+                   trust_coefficient=tc)
+    run_pair("lars", options, impl, torch.float64, problem=problem, tol=dict(rtol=1e-10, atol=1e-12))
