@@ -42,9 +42,13 @@ def test_bf16_master_weights_track_fp32_and_survive_checkpoints(tmp_path, monkey
     model = task.model.to(torch.bfloat16)
     model.load_state_dict(ckpt["model"])
     opt = create_optimizer("lamb", model, master_weights=True)
-    opt.load_state_dict(ckpt["optimizer"])
-    for i, s in opt.state_dict()["state"].items():
-        assert torch.equal(s["master_param"], states[i]["master_param"])
+    from largebatch.train.distributed import full_state, load_full_state
+
+    load_full_state(model, opt, ckpt["model"], ckpt["optimizer"])
+    _, reloaded = full_state(model, opt)
+    for name, s in reloaded["state"].items():
+        assert s["master_param"].dtype == torch.float32
+        assert torch.equal(s["master_param"], states[name]["master_param"])
 
 
 def test_bf16_needs_an_optimizer_with_master_weights():

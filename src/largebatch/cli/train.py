@@ -20,7 +20,7 @@ TASK_DEFAULTS = {
     "image": dict(batch_size=1024, micro_batch_size=256, lr=0.02, warmup_steps=10, epochs=2.0, eval_every=25),
 }
 _FIELDS = ("optimizer", "batch_size", "micro_batch_size", "lr", "warmup_steps", "epochs", "steps", "schedule",
-           "power", "seed", "eval_every", "checkpoint_every", "out", "threads", "precision", "nonfinite")
+           "power", "seed", "eval_every", "checkpoint_every", "out", "threads", "precision", "nonfinite", "strategy")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16-autocast", "bf16"],
                    help="bf16: bf16 parameters with fp32 master weights and moments in Lamb/Lars")
     p.add_argument("--nonfinite", choices=["skip", "raise"], help="non-finite gradients: skip the step (default) or raise")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun: DDP (default) or FSDP2 sharding")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="optimizer flag, e.g. --opt phi=cap_ratio --opt weight_decay=0.01 (repeatable)")
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",

@@ -46,12 +46,52 @@ def init_from_env(backend: str | None = None) -> DistContext:
     return ctx
 
 
-def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
+STRATEGIES = ("ddp", "fsdp")
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, strategy: str = "ddp") -> nn.Module:
+    """DDP (replicated parameters) or FSDP2 (``fully_shard``: every parameter sharded over the ranks).
+
+    FSDP2 shards the root module as one unit, which keeps tied weights (BERT's decoder and word
+    embeddings) tied. Lamb/Lars then take trust ratios from whole-tensor norms (one all-reduce per group).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Invalid strategy: {strategy!r} (allowed: {' | '.join(STRATEGIES)})")
     if not ctx.enabled:
         return model
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return fully_shard(model, mesh=init_device_mesh(device, (ctx.world_size,)))
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Whole (unsharded, CPU) model and optimizer state keyed by parameter name: the same format for
+    1 process, DDP and FSDP2, so a checkpoint resumes on any number of processes. Collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer, model_state: dict, optim_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def rank_slice(indices: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -70,9 +110,23 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
 
 
 def no_sync(model: nn.Module, ctx: DistContext):
-    if ctx.enabled and hasattr(model, "no_sync"):
+    """Context for the micro-steps that must not synchronise gradients (all but the last)."""
+    if not ctx.enabled:
+        return None
+    if hasattr(model, "no_sync"):  # DDP
         return model.no_sync
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        return lambda: _fsdp_no_sync(model)
     return None
+
+
+def any_true(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if it is true on one (e.g. 'some shard has a non-finite gradient')."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def shutdown(ctx: DistContext) -> None:

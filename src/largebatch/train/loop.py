@@ -54,6 +54,7 @@ class TrainConfig:
     threads: int | None = None
     precision: str = "fp32"          # "fp32" | "bf16-autocast" | "bf16" (fp32 master weights in Lamb/Lars)
     nonfinite: str = "skip"          # non-finite gradients: "skip" the step or "raise"
+    strategy: str = "ddp"            # with several processes: "ddp" (replicated) | "fsdp" (FSDP2, sharded)
     progress: bool = True
     plot: bool = True
 
@@ -75,6 +76,8 @@ class TrainConfig:
         if self.schedule not in ("poly", "constant"):
             raise ValueError(f"Invalid schedule: {self.schedule!r} (allowed: 'poly' | 'constant')")
         check_precision(self.precision)
+        if self.strategy not in D.STRATEGIES:
+            raise ValueError(f"Invalid strategy: {self.strategy!r} (allowed: {' | '.join(D.STRATEGIES)})")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {self.nonfinite!r} (allowed: {' | '.join(NONFINITE_POLICIES)})")
 
@@ -159,17 +162,17 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
             task = build_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     model = prepare_model(task.model, cfg.precision)
     model.train()
-    optimizer = create_optimizer(cfg.optimizer, model, lr=cfg.lr,
-                                 **{**optimizer_overrides(cfg.precision, cfg.optimizer), **cfg.optimizer_options})
     n = task.train_size
     total_steps = cfg.steps or schedules.steps_for_epochs(cfg.epochs, n, cfg.batch_size)
     start_step, skipped = 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    train_model = D.wrap_model(model, ctx, cfg.strategy)
+    # after wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
+    optimizer = create_optimizer(cfg.optimizer, model, lr=cfg.lr,
+                                 **{**optimizer_overrides(cfg.precision, cfg.optimizer), **cfg.optimizer_options})
+    if ckpt is not None:  # after sharding: the full state is scattered to each rank's shards
+        D.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start_step, skipped = int(ckpt["step"]), int(ckpt.get("skipped_steps", 0))
-    train_model = D.wrap_model(model, ctx)
     no_sync = D.no_sync(train_model, ctx)
     amp = autocast(cfg.precision)
     log = None
@@ -203,7 +206,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
                                              autocast=amp, total=int(total), scale=float(ctx.world_size))
         (loss,) = D.all_reduce_sum([local_loss], ctx)
         count = int(total)
-        finite = grads_finite(model)
+        finite = not D.any_true(not grads_finite(model), ctx)
         if finite:
             optimizer.step()
             consecutive_skips = 0
@@ -232,11 +235,13 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.0f}")
             bar.update(1)
-        if ctx.is_main and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or is_last):
-            save_checkpoint({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "rng": rng_state(), "skipped_steps": skipped,
-                             "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
-                            out, step + 1, keep=cfg.keep_checkpoints)
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or is_last:
+            model_state, optim_state = D.full_state(model, optimizer)  # collective under FSDP2
+            if ctx.is_main:
+                save_checkpoint({"step": step + 1, "model": model_state, "optimizer": optim_state,
+                                 "rng": rng_state(), "skipped_steps": skipped,
+                                 "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
+                                out, step + 1, keep=cfg.keep_checkpoints)
         if on_step is not None:
             on_step(step + 1, record)
         if record.get("diverged"):

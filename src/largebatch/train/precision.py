@@ -46,7 +46,9 @@ def autocast(precision: str, device_type: str = "cpu"):
 
 def grads_finite(model: nn.Module) -> bool:
     """One fused norm over all gradients and one host sync per step."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    from ..optim._base import local_tensor
+
+    grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2: own shard
     if not grads:
         return True
     norms = torch._foreach_norm(grads, 2)
