@@ -79,3 +79,14 @@ def test_nonfinite_gradients_skip_without_advancing_the_step(tmp_path, monkeypat
     calls["n"] = 0
     with pytest.raises(FloatingPointError, match="non-finite gradients at step 2"):
         train(TrainConfig(**{**TINY, "steps": 4}, out=str(tmp_path / "raise"), nonfinite="raise"), task=task)
+
+
+def test_fp16_grad_scaler_tracks_fp32(tmp_path, monkeypatch):
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path / "cache"))
+    train(TrainConfig(**TINY, out=str(tmp_path / "fp32")))
+    summary = train(TrainConfig(**TINY, out=str(tmp_path / "fp16"), precision="fp16"))
+    fp32, fp16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "fp16")
+    # GradScaler starts at 2^16 and may skip the first steps on overflow; the rest follows fp32 closely
+    assert summary["skipped_steps"] <= 3
+    assert fp16[-1] < fp16[0]
+    assert fp16[-1] == pytest.approx(fp32[-1], rel=0.03)

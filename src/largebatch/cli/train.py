@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (always one at the end)")
     p.add_argument("--out", help="run directory (metrics.jsonl, checkpoints, summary.json, curves.png)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    p.add_argument("--precision", choices=["fp32", "bf16-autocast", "bf16"],
-                   help="bf16: bf16 parameters with fp32 master weights and moments in Lamb/Lars")
+    p.add_argument("--precision", choices=["fp32", "bf16-autocast", "bf16", "fp16"],
+                   help="bf16: bf16 parameters with fp32 master weights and moments in Lamb/Lars; "
+                        "fp16: autocast + GradScaler, unscaled before the trust ratio")
     p.add_argument("--nonfinite", choices=["skip", "raise"], help="non-finite gradients: skip the step (default) or raise")
     p.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun: DDP (default) or FSDP2 sharding")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",

@@ -25,8 +25,8 @@ from ..optim import create_optimizer
 from .accumulation import accumulate_gradients, split_indices
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .precision import (NONFINITE_POLICIES, autocast, check_precision, grads_finite, optimizer_overrides,
-                        prepare_model)
+from .precision import (NONFINITE_POLICIES, autocast, check_precision, grad_scaler, grads_finite,
+                        optimizer_overrides, prepare_model)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out: str = "runs/latest"
     threads: int | None = None
-    precision: str = "fp32"          # "fp32" | "bf16-autocast" | "bf16" (fp32 master weights in Lamb/Lars)
+    precision: str = "fp32"          # "fp32" | "bf16-autocast" | "bf16" (fp32 masters in Lamb/Lars) | "fp16"
     nonfinite: str = "skip"          # non-finite gradients: "skip" the step or "raise"
     strategy: str = "ddp"            # with several processes: "ddp" (replicated) | "fsdp" (FSDP2, sharded)
     progress: bool = True
@@ -175,6 +175,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
         start_step, skipped = int(ckpt["step"]), int(ckpt.get("skipped_steps", 0))
     no_sync = D.no_sync(train_model, ctx)
     amp = autocast(cfg.precision)
+    scaler = grad_scaler(cfg.precision)
     log = None
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
@@ -203,18 +204,23 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
                  for i, idx in enumerate(split_indices(indices, cfg.micro_batch_size))]
         (total,) = D.all_reduce_sum([float(sum(task.count(b) for b in micro))], ctx)
         local_loss, _ = accumulate_gradients(train_model, micro, task.loss, count_fn=task.count, no_sync=no_sync,
-                                             autocast=amp, total=int(total), scale=float(ctx.world_size))
+                                             autocast=amp, total=int(total), scale=float(ctx.world_size),
+                                             backward=(lambda l: scaler.scale(l).backward()) if scaler else None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # true gradients before the trust ratio
         (loss,) = D.all_reduce_sum([local_loss], ctx)
         count = int(total)
         finite = not D.any_true(not grads_finite(model), ctx)
         if finite:
-            optimizer.step()
+            (scaler.step(optimizer) if scaler is not None else optimizer.step())
             consecutive_skips = 0
         elif cfg.nonfinite == "raise":
             raise FloatingPointError(f"non-finite gradients at step {step + 1} (policy nonfinite='raise')")
         else:
             skipped += 1  # the optimizer's step counters do not advance
             consecutive_skips += 1
+        if scaler is not None:
+            scaler.update()  # lowers the scale after an overflow, raises it after a quiet stretch
         optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
         record = {"step": step + 1, "samples": (step + 1) * cfg.batch_size, "lr": lr, "loss": loss,

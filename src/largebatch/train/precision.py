@@ -4,6 +4,10 @@
 - ``"bf16-autocast"``: float32 parameters and optimizer, forward passes under ``torch.autocast(bfloat16)``.
 - ``"bf16"``: bfloat16 parameters and gradients; ``Lamb``/``Lars`` keep fp32 master weights and fp32
   moments (``master_weights=True``), saved in checkpoints with the rest of the optimizer state.
+- ``"fp16"``: float32 parameters, forward under ``torch.autocast(float16)``, the loss scaled by a
+  ``torch.amp.GradScaler``; gradients are unscaled BEFORE the optimizer step, so the trust ratio sees true
+  gradients (a scaled gradient would leave LAMB's ratio unchanged but break NVLAMB pre-normalisation, L2
+  decay and LARS's 2017 form).
 
 Non-finite gradients are detected with ONE reduction over all gradients (no host sync per tensor); the
 policy either skips the step (the optimizer's step counters do not advance; the count is logged) or raises.
@@ -15,7 +19,7 @@ import contextlib
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+PRECISIONS = ("fp32", "bf16-autocast", "bf16", "fp16")
 NONFINITE_POLICIES = ("skip", "raise")
 
 
@@ -41,7 +45,13 @@ def optimizer_overrides(precision: str, optimizer_name: str) -> dict:
 def autocast(precision: str, device_type: str = "cpu"):
     if precision == "bf16-autocast":
         return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return lambda: torch.autocast(device_type, dtype=torch.float16)
     return None
+
+
+def grad_scaler(precision: str, device_type: str = "cpu"):
+    return torch.amp.GradScaler(device_type) if precision == "fp16" else None
 
 
 def grads_finite(model: nn.Module) -> bool:
