@@ -1,6 +1,5 @@
 """A tiny real run of each task on its real data: the loss goes down and the metrics are sane."""
 import json
-import os
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ def _fmt(v, spec):
 
 def markdown(summary: dict) -> str:
     env = summary["environment"]
-    lines = [f"# Optimizer step benchmark\n",
+    lines = ["# Optimizer step benchmark\n",
              f"{env['date']} · torch {env['torch']} · {env['threads']} threads · {env['cpu']} · "
              f"bandwidth probe {env['bandwidth_gbs']:.1f} GB/s (a += s·b) · load average before/after "
              f"{env['load_before']} / {env['load_after']} · {env['steps']} timed steps after {env['warmup']} warm-up, "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import statistics
 import time
 from dataclasses import dataclass, field

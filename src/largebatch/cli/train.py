@@ -91,8 +91,6 @@ def build_config(args: argparse.Namespace):
     values["task_options"] = {**values.get("task_options", {}), **_parse_kv(args.task_opt, "--task-opt")}
     if args.no_progress:
         values["progress"] = False
-    if values.get("steps") is not None:
-        values.pop("epochs", None) if values.get("epochs") is None else None
     return TrainConfig(**values)
 
 

@@ -221,13 +221,14 @@ class TrustRatioOptimizer(Optimizer):
         grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return None
-        by_device: dict[torch.device, list[Tensor]] = {}
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for t in grads:
-            by_device.setdefault(t.device, []).append(t)
+            by_kind.setdefault((t.device, t.dtype), []).append(t)
         device = grads[0].device
         sq = torch.zeros((), dtype=torch.float64, device=device)
-        for ts in by_device.values():
-            norms = torch._foreach_norm(ts, 2)
+        for (_, dtype), ts in by_kind.items():
+            # accumulate in at least float32: bf16 norms would be off by up to 2^-9
+            norms = torch._foreach_norm(ts, 2, dtype=torch.promote_types(dtype, torch.float32))
             sq = sq + torch.stack(norms).double().square().sum().to(device)
         pg = next((sharded_group(p.grad) for g in self.param_groups for p in g["params"]
                    if p.grad is not None and sharded_group(p.grad) is not None), None)

@@ -98,10 +98,11 @@ def param_groups(
         for p_name, _ in module.named_parameters(recurse=False):
             owners[f"{mod_name}.{p_name}" if mod_name else p_name] = module
     buckets: dict[tuple[bool, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
+    for full_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        module = owners.get(name, model)
+        module = owners.get(full_name, model)
+        name = full_name.replace("_orig_mod.", "")  # torch.compile's wrapper: report the model's own names
         decay = not skip_decay(name, param, module)
         ratio = not skip_ratio(name, param, module)
         bucket = buckets.setdefault((decay, ratio), {"params": [], "param_names": []})

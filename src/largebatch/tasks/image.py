@@ -24,7 +24,6 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist   (as root; run apt-get update first)"
 
 
-
 def _idx(path: Path, offset: int) -> np.ndarray:
     with gzip.open(path) as f:
         return np.frombuffer(f.read(), np.uint8, offset=offset)

@@ -14,8 +14,6 @@ policy either skips the step (the optimizer's step counters do not advance; the 
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -64,7 +62,3 @@ def grads_finite(model: nn.Module) -> bool:
     norms = torch._foreach_norm(grads, 2)
     return bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum()))
 
-
-@contextlib.contextmanager
-def nullcontext():
-    yield
