@@ -211,8 +211,8 @@ def test_works_with_a_compiled_model(name):
     for a, b in zip(eager.parameters(), compiled_src.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert all(not torch.equal(a, b) for a, b in zip(compiled_src.parameters(), init))
-    # names as the compiled wrapper reports them (torch's "_orig_mod." prefix)
-    assert set(opts[1].telemetry()) == {n for n, _ in compiled.named_parameters()}
+    # the eager model's names (no torch.compile "_orig_mod." prefix)
+    assert set(opts[1].telemetry()) == {n for n, _ in compiled_src.named_parameters()}
 
 
 def test_telemetry_uses_parameter_names_and_matches_reference():
