@@ -174,6 +174,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
     no_sync = D.no_sync(train_model, ctx)
     amp = autocast(cfg.precision)
     scaler = grad_scaler(cfg.precision)
+    if scaler is not None and ckpt is not None and "grad_scaler" in ckpt:
+        scaler.load_state_dict(ckpt["grad_scaler"])  # the loss scale is part of an exact resume
     log = None
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
@@ -244,6 +246,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
             if ctx.is_main:
                 save_checkpoint({"step": step + 1, "model": model_state, "optimizer": optim_state,
                                  "rng": rng_state(), "skipped_steps": skipped,
+                                 **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
                                  "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
                                 out, step + 1, keep=cfg.keep_checkpoints)
         if on_step is not None:
