@@ -7,10 +7,12 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import largebatch
-from reference import ReferenceLamb, ReferenceLars
+from reference import ReferenceLamb, ReferenceLars, phi_ratio
 
 IMPLS = {"fused": dict(fused=True), "foreach": dict(foreach=True, fused=False),
          "single_tensor": dict(foreach=False, fused=False)}
@@ -440,3 +442,79 @@ def test_mlp_on_digits_reaches_90_percent_train_accuracy(name, lr, one_thread):
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc > 0.9, f"{name}: train accuracy {acc:.3f}"
+
+
+# ------------------------------------------------------------------ more contract details
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cls", ["lamb", "lars"])
+def test_pre_normalisation_divides_by_the_global_norm(cls, impl):
+    """NVLAMB: g / max(1, G/max_grad_norm). Grads ×100 and ×1000 are normalised to the same thing (a
+    pre-normalisation that multiplied, or divided the wrong way, would not be); small grads are untouched."""
+    make = (lambda ps, **kw: largebatch.Lamb(ps, lr=0.05, eps=0.1, **kw)) if cls == "lamb" else \
+        (lambda ps, **kw: largebatch.Lars(ps, lr=0.05, weight_decay=0.1, **kw))
+
+    def run(scale, max_grad_norm):
+        ps = [nn.Parameter(t) for t in _tensors()]
+        opt = make(ps, max_grad_norm=max_grad_norm, **IMPLS[impl])
+        _set_grads(ps, 0)
+        total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ps]))
+        for p in ps:
+            p.grad.mul_(scale / total)              # global norm == scale
+        opt.step()
+        return torch.cat([p.detach().flatten() for p in ps])
+
+    torch.testing.assert_close(run(100.0, 1.0), run(1000.0, 1.0), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(run(100.0, 1.0), run(1.0, None), rtol=1e-12, atol=1e-13)
+    assert torch.equal(run(0.5, 1.0), run(0.5, None))
+    assert not torch.allclose(run(100.0, None), run(100.0, 1.0))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cls", [largebatch.Lamb, largebatch.Lars])
+def test_tensor_lr_equals_float_lr(cls, impl):
+    out = []
+    for lr in (0.01, torch.tensor(0.01, dtype=torch.float64)):
+        ps = [nn.Parameter(t) for t in _tensors()]
+        opt = cls(ps, lr=lr, **IMPLS[impl])
+        for k in range(3):
+            _set_grads(ps, k)
+            opt.step()
+        out.append(torch.cat([p.detach().flatten() for p in ps]))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("cls", [largebatch.Lamb, largebatch.Lars])
+def test_closure_and_no_gradients(cls):
+    p = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = cls([p, nn.Parameter(torch.zeros(2))])
+    before = p.detach().clone()
+    assert opt.step() is None and torch.equal(p, before) and opt.telemetry() == {}   # no grads: nothing happens
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert float(loss.detach()) == pytest.approx(float((before ** 2).sum()))
+    assert not torch.equal(p, before) and set(opt.telemetry()) == {"group0.0"}
+    with pytest.raises(ValueError, match="empty parameter list"):
+        cls([])
+
+
+@settings(max_examples=60, deadline=None)
+@given(xn=st.lists(st.sampled_from([0.0, 1e-3, 0.5, 3.0, 40.0]), min_size=1, max_size=6),
+       un=st.lists(st.sampled_from([0.0, 1e-4, 0.2, 7.0]), min_size=6, max_size=6),
+       phi=st.sampled_from(["identity", "clamp_norm", "clamp_ratio", "cap_ratio"]),
+       lo=st.sampled_from([None, 0.0, 0.01, 1.0]), hi=st.sampled_from([None, 2.0, 10.0]))
+def test_trust_ratio_function_matches_reference(xn, un, phi, lo, hi):
+    if phi in ("identity", "cap_ratio"):
+        lo = hi = None
+    elif lo is None and hi is None:
+        hi = 10.0
+    un = un[:len(xn)]
+    got = largebatch.optim.trust_ratio(torch.tensor(xn, dtype=torch.float64), torch.tensor(un, dtype=torch.float64),
+                                       phi=phi, phi_min=lo, phi_max=hi)
+    expected = [phi_ratio(a, b, phi, lo, hi) for a, b in zip(xn, un)]
+    assert got.tolist() == pytest.approx(expected, rel=1e-15)

@@ -26,6 +26,7 @@ IMPLS = {
 # the first 3 steps, and one that never has a gradient; group 1 (λ = 0): a bias-like 1-d and a 2-d.
 GROUP0 = [(), (5,), (0,), (6, 4), (8,), (3, 2, 5), (4,)]
 GROUP1 = [(7,), (3, 3)]
+GROUP2 = [(4, 2)]   # group 2 (λ from the case, trust_ratio=False): a per-group exclusion from the ratio
 ZERO_INIT = (0, 4)
 LATE_GRAD = (0, 5)
 NEVER_GRAD = (0, 6)
@@ -99,19 +100,20 @@ BF16_TOL = dict(rtol=3e-2, atol=3e-2)           # bf16 parameters, no master wei
 BF16_MASTER_TOL = dict(rtol=1e-5, atol=1e-6)    # fp32 master weights: the master must match like float32
 
 
-def make_problem(dtype, seed=0, group0=GROUP0, group1=GROUP1, steps=STEPS, grad_scale=1.0):
-    """Initial params (rounded to dtype) and per-step grads (rounded to dtype), all returned as float64."""
+def make_problem(dtype, seed=0, group0=GROUP0, group1=GROUP1, steps=STEPS, grad_scale=1.0, group2=GROUP2):
+    """Initial params (rounded to dtype) and per-step grads (rounded to dtype) of the 3 groups, as float64."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(shape, scale=1.0):
         return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).double()
 
-    params = [[rnd(s) for s in group0], [rnd(s) for s in group1]]
+    params = [[rnd(s) for s in group0], [rnd(s) for s in group1], [rnd(s) for s in group2]]
     if len(group0) > ZERO_INIT[1]:
         params[0][ZERO_INIT[1]].zero_()
     grads = []
     for k in range(steps):
-        step = [[rnd(s, grad_scale * (0.2 + 0.3 * k)) for s in group0], [rnd(s, grad_scale) for s in group1]]
+        step = [[rnd(s, grad_scale * (0.2 + 0.3 * k)) for s in group0], [rnd(s, grad_scale) for s in group1],
+                [rnd(s, grad_scale) for s in group2]]
         if len(group0) > NEVER_GRAD[1]:
             step[0][NEVER_GRAD[1]] = None
         if len(group0) > LATE_GRAD[1] and k < 3:
@@ -126,12 +128,11 @@ def run_pair(opt_name, options, impl, dtype, *, seed=0, master_weights=False, pr
     options = {"lr": default_lr, **options}
     params, grads = problem or make_problem(dtype, seed)
     wd = options.get("weight_decay", 0.01)
-    ref = ref_cls([{"params": params[0], "weight_decay": wd}, {"params": params[1], "weight_decay": 0.0}],
-                  **options)
+    group_options = [{"weight_decay": wd}, {"weight_decay": 0.0}, {"weight_decay": wd, "trust_ratio": False}]
+    ref = ref_cls([{"params": p, **o} for p, o in zip(params, group_options)], **options)
     ps = [[torch.nn.Parameter(p.to(dtype)) for p in group] for group in params]
     extra = dict(master_weights=True) if master_weights else {}
-    opt = cls([{"params": ps[0], "weight_decay": wd}, {"params": ps[1], "weight_decay": 0.0}],
-              **options, **IMPLS[impl], **extra)
+    opt = cls([{"params": p, **o} for p, o in zip(ps, group_options)], **options, **IMPLS[impl], **extra)
     tol = tol or TOL.get(dtype)
     for k, step_grads in enumerate(grads):
         for group, group_grads in zip(ps, step_grads):
@@ -226,7 +227,7 @@ def test_fused_rejects_bf16():
         largebatch.Lamb([p], fused=True).step()
 
 
-def test_implementations_agree_bitwise_in_structure_on_large_tensor():
+def test_large_tensor_crossing_kernel_chunks_matches_reference():
     """A tensor large enough to cross the C kernel's chunking, all paths vs the reference (float64)."""
     problem = make_problem(torch.float64, seed=3, group0=[(70_001,), (3,)], group1=[(129, 33)], steps=3)
     for impl in IMPLS:
