@@ -518,3 +518,28 @@ def test_trust_ratio_function_matches_reference(xn, un, phi, lo, hi):
                                        phi=phi, phi_min=lo, phi_max=hi)
     expected = [phi_ratio(a, b, phi, lo, hi) for a, b in zip(xn, un)]
     assert got.tolist() == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize("impl", ["default", "foreach", "single_tensor"])
+@pytest.mark.parametrize("maker", ["lamb_l2_prenorm", "lars", "lars_2017"])
+def test_mixed_dtype_group_matches_reference(maker, impl):
+    """One group holding float32 and float64 tensors (torch.optim groups by dtype before foreach ops).
+    Tolerance: float32 for the f32 tensor; 1e-6 for the f64 one (the global gradient norm includes f32 grads)."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(5, generator=gen).float().double(), torch.randn(4, 3, generator=gen, dtype=torch.float64)]
+    dtypes = [torch.float32, torch.float64]
+    ps = [nn.Parameter(t.to(d)) for t, d in zip(init, dtypes)]
+    kw = {"default": {}, "foreach": IMPLS["foreach"], "single_tensor": IMPLS["single_tensor"]}[impl]
+    opt = MAKERS[maker](ps, **kw)
+    ref_opts = {"lamb_l2_prenorm": (ReferenceLamb, dict(lr=0.05, weight_decay_mode="l2", max_grad_norm=1.0)),
+                "lars": (ReferenceLars, dict(lr=0.1)),
+                "lars_2017": (ReferenceLars, dict(lr=0.5, mode="2017", nesterov=True))}[maker]
+    ref = ref_opts[0]([{"params": init}], **ref_opts[1])
+    for _ in range(5):
+        gs = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(d) for t, d in zip(init, dtypes)]
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.step()
+        ref.step([[g.double() for g in gs]])
+    torch.testing.assert_close(ps[0].detach().double(), ref.groups[0]["params"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ps[1].detach(), ref.groups[0]["params"][1], rtol=1e-6, atol=1e-8)
