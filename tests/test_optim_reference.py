@@ -261,3 +261,102 @@ def test_lars_random_shapes_and_hyperparameters(shapes, lr, momentum, wd, tc, se
     options = dict(lr=lr, momentum=momentum, weight_decay=wd, mode=mode, nesterov=nesterov,
                    trust_coefficient=tc)
     run_pair("lars", options, impl, torch.float64, problem=problem, tol=dict(rtol=1e-10, atol=1e-12))
+
+
+# ------------------------------------------------------------------ the reference itself, from first principles
+def test_reference_lamb_one_step_by_hand():
+    """t = 1, ε = 0: m̂ = g, v̂ = g², r = sign(g). x = (3, 4), ‖x‖ = 5, g = (2, −0.5) → r = (1, −1), ‖r‖ = √2."""
+    x, g, lr = torch.tensor([3.0, 4.0], dtype=torch.float64), torch.tensor([2.0, -0.5], dtype=torch.float64), 0.1
+    r = torch.tensor([1.0, -1.0], dtype=torch.float64)
+
+    def one(**kw):
+        ref = ReferenceLamb([x], lr=lr, eps=0.0, **kw)
+        ref.step([[g]])
+        return ref.groups[0]["params"][0], ref.norms[(0, 0)]
+
+    got, (xn, un, ratio) = one(weight_decay=0.0)
+    torch.testing.assert_close(got, x - lr * 5 / 2 ** 0.5 * r)
+    assert (xn, un, ratio) == pytest.approx((5.0, 2 ** 0.5, 5 / 2 ** 0.5))
+    u = r + 0.5 * x                                              # decoupled, inside the ratio
+    got, _ = one(weight_decay=0.5)
+    torch.testing.assert_close(got, x - lr * 5 / float(u.norm()) * u)
+    got, _ = one(weight_decay=0.5, weight_decay_mode="decoupled_outside")
+    torch.testing.assert_close(got, x - lr * 0.5 * x - lr * 5 / 2 ** 0.5 * r)
+    got, _ = one(weight_decay=0.0, bias_correction="step_size")  # r = 0.1g/√(0.001g²); s = √0.001/0.1
+    torch.testing.assert_close(got, x - lr * (0.001 ** 0.5 / 0.1) * 5 / 2 ** 0.5 * r)
+    got, _ = one(weight_decay=0.0, trust_ratio=False)
+    torch.testing.assert_close(got, x - lr * r)
+    got, _ = one(weight_decay=0.0, phi="cap_ratio")
+    torch.testing.assert_close(got, x - lr * r)
+    got, _ = one(weight_decay=0.0, phi="clamp_norm", phi_max=1.0)
+    torch.testing.assert_close(got, x - lr * 1 / 2 ** 0.5 * r)
+    got, _ = one(weight_decay=0.0, max_grad_norm=0.5)            # scale-invariant at t = 1 with ε = 0
+    torch.testing.assert_close(got, x - lr * 5 / 2 ** 0.5 * r)
+
+
+def test_reference_lars_one_step_by_hand():
+    x, g, lr = torch.tensor([3.0, 4.0], dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64), 0.1
+    ref = ReferenceLars([x], lr=lr, weight_decay=0.0)             # m = 0.1 g, ratio = 5/‖m‖
+    ref.step([[g]])
+    torch.testing.assert_close(ref.groups[0]["params"][0], x - lr * 5 / 2 ** 0.5 * g)
+    ref = ReferenceLars([x], lr=lr, weight_decay=0.2, mode="2017", trust_coefficient=0.01, eps=0.0)
+    ref.step([[g]])
+    local = 0.01 * 5 / (2 ** 0.5 + 0.2 * 5)
+    torch.testing.assert_close(ref.groups[0]["params"][0], x - lr * local * (g + 0.2 * x))
+    assert ref.norms[(0, 0)] == pytest.approx((5.0, 2 ** 0.5, local))
+
+
+# ------------------------------------------------------------------ degenerate flags == torch.optim (a well-kept library)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["adamw", "adam_l2", "sgd", "sgd_nesterov"])
+def test_trust_ratio_off_reduces_to_torch_optim(name, impl):
+    """Without the trust ratio: Lamb(decoupled_outside) == AdamW, Lamb(l2) == Adam(weight_decay),
+    Lars(mode="2017") == SGD(momentum, weight_decay[, nesterov]), 10 steps, float64 to 1e-12."""
+    ours, theirs = {
+        "adamw": (lambda ps: largebatch.Lamb(ps, lr=0.01, weight_decay=0.1, weight_decay_mode="decoupled_outside",
+                                             trust_ratio=False, eps=1e-8, **IMPLS[impl]),
+                  lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, eps=1e-8)),
+        "adam_l2": (lambda ps: largebatch.Lamb(ps, lr=0.01, weight_decay=0.1, weight_decay_mode="l2",
+                                               trust_ratio=False, eps=1e-8, **IMPLS[impl]),
+                    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1, eps=1e-8)),
+        "sgd": (lambda ps: largebatch.Lars(ps, lr=0.1, momentum=0.9, weight_decay=0.01, mode="2017",
+                                           trust_ratio=False, **IMPLS[impl]),
+                lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01)),
+        "sgd_nesterov": (lambda ps: largebatch.Lars(ps, lr=0.1, momentum=0.9, weight_decay=0.01, mode="2017",
+                                                    nesterov=True, trust_ratio=False, **IMPLS[impl]),
+                         lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)),
+    }[name]
+    params, grads = make_problem(torch.float64, seed=5, group0=[(4, 3), (5,), ()], group1=[(2,)], group2=[],
+                                 steps=10)
+    init = params[0] + params[1]
+    a, b = [torch.nn.Parameter(t.clone()) for t in init], [torch.nn.Parameter(t.clone()) for t in init]
+    opt_a, opt_b = ours(a), theirs(b)
+    for step_grads in grads:
+        flat = step_grads[0] + step_grads[1]
+        for p, q, g in zip(a, b, flat):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [largebatch.Lamb, largebatch.Lars])
+def test_non_contiguous_params(cls):
+    """fused=None falls back to a path that handles a non-contiguous tensor; fused=True says why it cannot."""
+    b = torch.randn(4, 3, dtype=torch.float64)
+    ref_cls = ReferenceLamb if cls is largebatch.Lamb else ReferenceLars
+    for impl in ({}, IMPLS["foreach"], IMPLS["single_tensor"]):
+        p = torch.nn.Parameter(b.clone().t())
+        assert not p.is_contiguous()
+        ref, opt = ref_cls([b.t()], lr=0.05), cls([p], lr=0.05, **impl)
+        for k in range(3):
+            g = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+            p.grad = g
+            opt.step()
+            ref.step([[g]])
+        torch.testing.assert_close(p.detach(), ref.groups[0]["params"][0], rtol=1e-12, atol=1e-14)
+    p = torch.nn.Parameter(b.clone().t())
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"fused=True\) needs contiguous float32/float64 CPU tensors"):
+        cls([p], fused=True).step()
