@@ -543,3 +543,38 @@ def test_mixed_dtype_group_matches_reference(maker, impl):
         ref.step([[g.double() for g in gs]])
     torch.testing.assert_close(ps[0].detach().double(), ref.groups[0]["params"][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ps[1].detach(), ref.groups[0]["params"][1], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("cls", [largebatch.Lamb, largebatch.Lars])
+@pytest.mark.parametrize("group_value, default", [(1e-3, None), (None, 1.0), (2.0, 1.0)])
+def test_per_group_max_grad_norm_is_rejected(cls, group_value, default):
+    """The NVLAMB norm is global over all groups: a different per-group value cannot be honoured and must not
+    be silently ignored."""
+    with pytest.raises(ValueError, match=r"max_grad_norm"):
+        cls([{"params": [nn.Parameter(torch.ones(3))], "max_grad_norm": group_value}], max_grad_norm=default)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_group_flags_match_reference(impl):
+    """Every flag is a param-group key: three groups with different betas/φ/Nesterov/decay mode/bias/ε/lr."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    gopts = [dict(betas=(0.5, 0.9), phi="cap_ratio"),
+             dict(nesterov="n-lamb", weight_decay_mode="l2", weight_decay=0.1),
+             dict(bias_correction="none", eps_inside_sqrt=True, eps=1e-3, lr=0.2, trust_ratio="decayed")]
+    ps = [nn.Parameter(t.clone()) for t in init]
+    opt = largebatch.Lamb([{"params": [p], **o} for p, o in zip(ps, gopts)], lr=0.05, **IMPLS[impl])
+    ref = ReferenceLamb([{"params": [t], **o} for t, o in zip(init, gopts)], lr=0.05)
+    for _ in range(5):
+        gs = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.step()
+        ref.step([[g] for g in gs])
+    for p, group in zip(ps, ref.groups):
+        torch.testing.assert_close(p.detach(), group["params"][0], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [largebatch.Lamb, largebatch.Lars])
+def test_per_group_max_grad_norm_equal_to_the_default_is_fine(cls):
+    cls([{"params": [nn.Parameter(torch.ones(3))], "max_grad_norm": 1.0}], max_grad_norm=1.0)
