@@ -4,7 +4,8 @@ to the paper-literal float64 reference (tests/reference.py), in the spirit of to
 Tolerances (relative on the parameters, compared after EVERY step, 10 steps):
   float64  1e-12 (atol 1e-13)   — the three paths do the same arithmetic in a different order
   float32  1e-5  (atol 1e-6)    — the float32 paths against the float64 reference, grads rounded to f32 first
-  bfloat16 see BF16_* below     — bf16 params without master weights round every update (2^-8 ≈ 4e-3)
+  bfloat16 6e-2 (atol 6e-2)     — bf16 params without master weights round every update (2^-8 ≈ 4e-3)
+           1e-5 (atol 1e-6)     — bf16 params with master_weights=True: the fp32 master is checked
 """
 from __future__ import annotations
 
@@ -96,7 +97,10 @@ for _name, _preset in PRESETS.items():
 OPTIMIZERS = {"lamb": (largebatch.Lamb, ReferenceLamb, LAMB_CASES, LAMB_LR),
               "lars": (largebatch.Lars, ReferenceLars, LARS_CASES, LARS_LR)}
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-13), torch.float32: dict(rtol=1e-5, atol=1e-6)}
-BF16_TOL = dict(rtol=3e-2, atol=3e-2)           # bf16 parameters, no master weights
+# bf16 parameters without master weights: every update is rounded to 8 bits (a decay factor 1 − ηλ = 0.998 is
+# lost entirely at |x| ≈ 2), so errors drift; measured worst |err|/(|ref|+1) over all cases after 10 steps:
+# 5.1% (foreach, decoupled_outside) and 2.4% (single tensor). A wrong formula moves far more than that.
+BF16_TOL = dict(rtol=6e-2, atol=6e-2)
 BF16_MASTER_TOL = dict(rtol=1e-5, atol=1e-6)    # fp32 master weights: the master must match like float32
 
 
@@ -195,8 +199,7 @@ def check_step_counters(opt, ps):
     assert len(opt.state.get(never, {})) == 0 and not never.detach().isnan().any()
 
 
-BF16_CASES = {"lamb": ["paper", "wd_l2", "nesterov_nn", "trust_decayed", "max_grad_norm_active"],
-              "lars": ["paper", "2017", "larc_clip_active"]}
+BF16_CASES = {"lamb": list(LAMB_CASES), "lars": list(LARS_CASES)}   # every flag and preset
 
 
 @pytest.mark.parametrize("impl", ["foreach", "single_tensor"])
@@ -360,3 +363,31 @@ def test_non_contiguous_params(cls):
     p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match=r"fused=True\) needs contiguous float32/float64 CPU tensors"):
         cls([p], fused=True).step()
+
+
+@pytest.mark.parametrize("opt_name", ["lamb", "lars"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_fused_kernel_is_bitwise_independent_of_the_thread_count(opt_name, dtype):
+    """The C kernel documents fixed-chunk norm sums (bit-reproducible resumes on any thread count): a tensor
+    above its parallel threshold (2^18 elements) and many small ones, 1 vs 2 vs 3 threads, bit for bit."""
+    shapes = [(300_001,), *[(17, 5)] * 12, (3,), ()]
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(3)]
+    cls = largebatch.Lamb if opt_name == "lamb" else largebatch.Lars
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            ps = [torch.nn.Parameter(t.clone()) for t in init]
+            opt = cls(ps, lr=0.05, fused=True, max_grad_norm=1.0)
+            for gs in grads:
+                for p, g in zip(ps, gs):
+                    p.grad = g
+                opt.step()
+            results.append([p.detach().clone() for p in ps])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
