@@ -578,3 +578,18 @@ def test_per_group_flags_match_reference(impl):
 @pytest.mark.parametrize("cls", [largebatch.Lamb, largebatch.Lars])
 def test_per_group_max_grad_norm_equal_to_the_default_is_fine(cls):
     cls([{"params": [nn.Parameter(torch.ones(3))], "max_grad_norm": 1.0}], max_grad_norm=1.0)
+
+
+def test_create_optimizer_overrides_flags_and_group_rules():
+    net = _Net()
+    opt = largebatch.create_optimizer("paper", net, lr=0.3, weight_decay=0.3, phi="cap_ratio",
+                                      no_trust_ratio=["norm.*"], no_weight_decay_if=largebatch.optim.is_bias)
+    by_name = {n: g for g in opt.param_groups for n in g["param_names"]}
+    assert by_name["proj.weight"]["weight_decay"] == 0.3 and by_name["proj.bias"]["weight_decay"] == 0.0
+    assert by_name["norm.weight"]["weight_decay"] == 0.3 and by_name["norm.weight"]["trust_ratio"] is False
+    assert by_name["proj.weight"]["trust_ratio"] is True
+    assert all(g["lr"] == 0.3 and g["phi"] == "cap_ratio" for g in opt.param_groups)
+    preset = largebatch.PRESETS["torch_optimizer"]
+    opt = largebatch.create_optimizer("torch_optimizer", [nn.Parameter(torch.ones(2))])
+    for key, value in preset.options.items():
+        assert opt.defaults[key] == value
