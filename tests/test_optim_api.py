@@ -593,3 +593,29 @@ def test_create_optimizer_overrides_flags_and_group_rules():
     opt = largebatch.create_optimizer("torch_optimizer", [nn.Parameter(torch.ones(2))])
     for key, value in preset.options.items():
         assert opt.defaults[key] == value
+
+
+@pytest.mark.parametrize("maker", ["lamb", "lamb_nn", "lars", "larc"])
+def test_state_dict_is_implementation_independent(maker):
+    """Save from one path, resume on the others: the state format (0-d float "step", moments / buffer) is shared."""
+    init = _tensors()
+    ps = [nn.Parameter(t.clone()) for t in init]
+    opt = MAKERS[maker](ps, **IMPLS["fused"])
+    for k in range(3):
+        _set_grads(ps, k)
+        opt.step()
+    saved, saved_params = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in ps]
+    for p in ps:
+        step = opt.state[p]["step"]
+        assert torch.is_tensor(step) and step.shape == () and step.dtype.is_floating_point and float(step) == 3
+    results = []
+    for impl in IMPLS:
+        qs = [nn.Parameter(t.clone()) for t in saved_params]
+        o = MAKERS[maker](qs, **IMPLS[impl])
+        o.load_state_dict(copy.deepcopy(saved))
+        for k in range(3, 6):
+            _set_grads(qs, k)
+            o.step()
+        results.append(torch.cat([q.detach().flatten() for q in qs]))
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], rtol=1e-12, atol=1e-14)

@@ -127,21 +127,22 @@ def make_problem(dtype, seed=0, group0=GROUP0, group1=GROUP1, steps=STEPS, grad_
 
 
 def run_pair(opt_name, options, impl, dtype, *, seed=0, master_weights=False, problem=None,
-             check_each_step=True, tol=None):
+             check_each_step=True, tol=None, device="cpu"):
     cls, ref_cls, _, default_lr = OPTIMIZERS[opt_name]
     options = {"lr": default_lr, **options}
     params, grads = problem or make_problem(dtype, seed)
     wd = options.get("weight_decay", 0.01)
     group_options = [{"weight_decay": wd}, {"weight_decay": 0.0}, {"weight_decay": wd, "trust_ratio": False}]
     ref = ref_cls([{"params": p, **o} for p, o in zip(params, group_options)], **options)
-    ps = [[torch.nn.Parameter(p.to(dtype)) for p in group] for group in params]
+    ps = [[torch.nn.Parameter(p.to(device, dtype)) for p in group] for group in params]
     extra = dict(master_weights=True) if master_weights else {}
-    opt = cls([{"params": p, **o} for p, o in zip(ps, group_options)], **options, **IMPLS[impl], **extra)
+    impl_options = IMPLS[impl] if impl in IMPLS else {}   # "default": fused=None, foreach=None
+    opt = cls([{"params": p, **o} for p, o in zip(ps, group_options)], **options, **impl_options, **extra)
     tol = tol or TOL.get(dtype)
     for k, step_grads in enumerate(grads):
         for group, group_grads in zip(ps, step_grads):
             for p, g in zip(group, group_grads):
-                p.grad = None if g is None else g.to(dtype)
+                p.grad = None if g is None else g.to(device, dtype)
         grads_before = [[None if p.grad is None else p.grad.clone() for p in group] for group in ps]
         opt.step()
         ref.step(step_grads)
@@ -157,7 +158,7 @@ def compare(opt, ps, ref, dtype, tol, master_weights, step):
     for gi, group in enumerate(ps):
         for pi, p in enumerate(group):
             got = opt.state[p]["master_param"] if master_weights and p in opt.state else p.detach()
-            torch.testing.assert_close(got.double(), ref.groups[gi]["params"][pi], **tol,
+            torch.testing.assert_close(got.double().cpu(), ref.groups[gi]["params"][pi], **tol,
                                        msg=lambda m: f"step {step}, group {gi}, tensor {pi}: {m}")
 
 
@@ -391,3 +392,16 @@ def test_fused_kernel_is_bitwise_independent_of_the_thread_count(opt_name, dtype
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (the CUDA default path is foreach)")
+@pytest.mark.parametrize("impl", ["default", "foreach", "single_tensor"])
+def test_cuda_matches_reference(impl):
+    """Every flag and preset on CUDA (fused=None picks foreach there), float64 and float32, vs the reference."""
+    for opt_name, (_, _, cases, _) in OPTIMIZERS.items():
+        for case, options in cases.items():
+            for dtype in (torch.float64, torch.float32):
+                try:
+                    run_pair(opt_name, options, impl, dtype, device="cuda")
+                except AssertionError as exc:
+                    raise AssertionError(f"{opt_name}:{case} {dtype}: {exc}") from None
