@@ -405,3 +405,42 @@ def test_cuda_matches_reference(impl):
                     run_pair(opt_name, options, impl, dtype, device="cuda")
                 except AssertionError as exc:
                     raise AssertionError(f"{opt_name}:{case} {dtype}: {exc}") from None
+
+
+# ------------------------------------------------------------------ hypothesis: combinations of flags
+PHIS = st.sampled_from([("identity", None, None), ("clamp_norm", 0.0, 10.0), ("clamp_norm", 2.0, None),
+                        ("clamp_ratio", 0.01, 10.0), ("clamp_ratio", None, 0.5), ("cap_ratio", None, None)])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bias=st.sampled_from(["inside", "step_size", "none"]),
+       mode=st.sampled_from(["decoupled", "l2", "decoupled_outside"]),
+       trust=st.sampled_from([True, False, "decayed"]), phi=PHIS, max_grad_norm=st.sampled_from([None, 1.0]),
+       eps_inside=st.booleans(), grad_averaging=st.booleans(), nesterov=st.sampled_from([None, "n-lamb", "nn-lamb"]),
+       wd=st.sampled_from([0.0, 0.1]), impl=st.sampled_from(list(IMPLS)))
+def test_lamb_flag_combinations(bias, mode, trust, phi, max_grad_norm, eps_inside, grad_averaging, nesterov, wd,
+                                impl):
+    if bias == "step_size" and nesterov is not None:
+        nesterov = None                                   # rejected combination (tested in test_optim_api)
+    options = dict(bias_correction=bias, weight_decay_mode=mode, trust_ratio=trust, phi=phi[0], phi_min=phi[1],
+                   phi_max=phi[2], max_grad_norm=max_grad_norm, eps_inside_sqrt=eps_inside,
+                   grad_averaging=grad_averaging, nesterov=nesterov, weight_decay=wd)
+    problem = make_problem(torch.float64, 7, group0=[(3, 4), (), (0,), (5,)], group1=[(2,)], steps=5)
+    run_pair("lamb", options, impl, torch.float64, problem=problem)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mode=st.sampled_from(["paper", "2017"]), larc=st.booleans(), nesterov=st.booleans(),
+       trust=st.sampled_from([True, False, "decayed"]), phi=PHIS, max_grad_norm=st.sampled_from([None, 1.0]),
+       grad_averaging=st.booleans(), wd=st.sampled_from([0.0, 0.01]), lr=st.sampled_from([1e-3, 0.1]),
+       impl=st.sampled_from(list(IMPLS)))
+def test_lars_flag_combinations(mode, larc, nesterov, trust, phi, max_grad_norm, grad_averaging, wd, lr, impl):
+    if mode == "paper":
+        larc = False                                      # LARC clipping belongs to the 2017 form
+    else:
+        phi = ("identity", None, None)                    # the 2017 form has no φ
+    options = dict(mode=mode, larc_clip=larc, nesterov=nesterov, trust_ratio=trust, phi=phi[0], phi_min=phi[1],
+                   phi_max=phi[2], max_grad_norm=max_grad_norm, grad_averaging=grad_averaging, weight_decay=wd,
+                   lr=lr, trust_coefficient=0.02)
+    problem = make_problem(torch.float64, 7, group0=[(3, 4), (), (0,), (5,)], group1=[(2,)], steps=5)
+    run_pair("lars", options, impl, torch.float64, problem=problem)
