@@ -24,7 +24,8 @@ IMPLS = {
     "single_tensor": dict(foreach=False, fused=False),
 }
 # group 0 (λ from the case): 0-d, 1-d, zero-size, 2-d, a zero-initialised 1-d, a 3-d whose grad is None for
-# the first 3 steps, and one that never has a gradient; group 1 (λ = 0): a bias-like 1-d and a 2-d.
+# the first 3 steps, and one that never has a gradient; group 1 (λ = 0): a bias-like 1-d and a 2-d whose
+# gradient is zero for the first 2 steps (‖u‖ = 0).
 GROUP0 = [(), (5,), (0,), (6, 4), (8,), (3, 2, 5), (4,)]
 GROUP1 = [(7,), (3, 3)]
 GROUP2 = [(4, 2)]   # group 2 (λ from the case, trust_ratio=False): a per-group exclusion from the ratio
@@ -118,6 +119,8 @@ def make_problem(dtype, seed=0, group0=GROUP0, group1=GROUP1, steps=STEPS, grad_
     for k in range(steps):
         step = [[rnd(s, grad_scale * (0.2 + 0.3 * k)) for s in group0], [rnd(s, grad_scale) for s in group1],
                 [rnd(s, grad_scale) for s in group2]]
+        if len(group1) > 1 and k < 2:
+            step[1][1] = torch.zeros_like(step[1][1])   # zero gradient with λ = 0: ‖u‖ = 0, the zero-norm rule
         if len(group0) > NEVER_GRAD[1]:
             step[0][NEVER_GRAD[1]] = None
         if len(group0) > LATE_GRAD[1] and k < 3:
