@@ -98,6 +98,11 @@ class TrustRatioOptimizer(Optimizer):
         if group["foreach"] and group["fused"]:
             raise invalid("foreach/fused", (True, True), "at most one of them True")
         check_choice("master_weights", group["master_weights"], (True, False))
+        if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
+            # NVLAMB pre-normalisation divides by ONE norm over all groups: a per-group value cannot be honoured
+            raise invalid("max_grad_norm", group["max_grad_norm"],
+                          f"only the optimizer-wide value {self.defaults['max_grad_norm']!r} in every param group "
+                          "(the pre-normalisation uses one global norm over all groups)")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -173,11 +178,27 @@ class TrustRatioOptimizer(Optimizer):
             if not params:
                 self._telemetry.pop(gi, None)
                 continue
-            # sharded (DTensor) parameters: the norms of the local shards must be summed across ranks
-            # before any ratio is taken, which the per-tensor fused kernel cannot do
-            sharded = any(getattr(p, "placements", None) is not None for p in params)
-            norms = self._step_group(group, params, xs, grads, states, clip=clip, sharded=sharded,
-                                     trust=trust_mask(group, len(xs), xs[0].device))
+            # multi-tensor ops and the kernel need one device and dtype: step each (device, dtype) bucket
+            buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+            for i, x in enumerate(xs):
+                buckets.setdefault((x.device, x.dtype), []).append(i)
+            rows = []
+            for idx in buckets.values():
+                sub = [params[i] for i in idx]
+                # sharded (DTensor) parameters: the norms of the local shards must be summed across ranks
+                # before any ratio is taken, which the per-tensor fused kernel cannot do
+                sharded = any(getattr(p, "placements", None) is not None for p in sub)
+                bucket_xs = [xs[i] for i in idx]
+                rows.append(self._step_group(group, sub, bucket_xs, [grads[i] for i in idx],
+                                             [states[i] for i in idx], clip=clip, sharded=sharded,
+                                             trust=trust_mask(group, len(idx), bucket_xs[0].device)))
+            if len(rows) == 1:
+                norms = rows[0]
+            else:  # back to the group's order
+                order = [i for idx in buckets.values() for i in idx]
+                stacked = torch.cat([r.to(device=rows[0].device, dtype=torch.float64) for r in rows])
+                norms = torch.empty_like(stacked)
+                norms[torch.tensor(order, device=stacked.device)] = stacked
             self._sync_master(params, states)
             self._telemetry[gi] = (self._names(gi, group, indices), norms)
         return loss

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("csrc") / "largebatch_kernels.c"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 _PHI = {"identity": 0, "clamp_norm": 1, "clamp_ratio": 2, "cap_ratio": 3}
 PHASE_FUSED, PHASE_NORMS, PHASE_APPLY = 0, 1, 2
 #: tensors with at least this many elements are split over all threads, smaller ones run concurrently

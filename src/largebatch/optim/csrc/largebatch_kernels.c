@@ -12,7 +12,8 @@
  * SIMD lanes make that a pairwise-like sum over ~CHUNK/8 terms), chunks are combined in double.
  *
  * The maths is specified in lamb.py / lars.py (the tests pin this file to a float64 reference).
- * Built on first use by _kernel.py: cc -O3 -march=native -fopenmp -fno-math-errno -shared -fPIC.
+ * Built on first use by _kernel.py: cc -O3 -march=native -fopenmp -fno-math-errno -ffp-contract=off
+ * (no FMA contraction: each product is rounded as in torch's own ops, so all paths agree closely).
  */
 #define _GNU_SOURCE
 #include <stdint.h>
