@@ -619,3 +619,27 @@ def test_state_dict_is_implementation_independent(maker):
         results.append(torch.cat([q.detach().flatten() for q in qs]))
     for r in results[1:]:
         torch.testing.assert_close(r, results[0], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("impl", ["default", "foreach", "single_tensor"])
+@pytest.mark.parametrize("cls", ["lamb", "lars"])
+def test_mixed_dtype_group_telemetry_maps_to_the_right_tensors(cls, impl):
+    """Interleaved float32/float64 tensors (stepped in dtype buckets): telemetry keys still name the right tensor."""
+    gen = torch.Generator().manual_seed(1)
+    shapes, dtypes = [(3,), (2, 2), (5,), (4,)], [torch.float32, torch.float64, torch.float32, torch.float64]
+    init = [(torch.randn(s, generator=gen, dtype=torch.float64) * (i + 1)).to(d).double()
+            for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    ps = [nn.Parameter(t.to(d)) for t, d in zip(init, dtypes)]
+    kw = {"default": {}, "foreach": IMPLS["foreach"], "single_tensor": IMPLS["single_tensor"]}[impl]
+    names = [f"t{i}" for i in range(len(ps))]
+    opt = MAKERS[cls]([{"params": ps, "param_names": names}], **kw)
+    ref = (ReferenceLamb if cls == "lamb" else ReferenceLars)([{"params": init}], lr=0.05 if cls == "lamb" else 0.1)
+    gs = [torch.randn(s, generator=gen, dtype=torch.float64).to(d) for s, d in zip(shapes, dtypes)]
+    for p, g in zip(ps, gs):
+        p.grad = g
+    opt.step()
+    ref.step([[g.double() for g in gs]])
+    tele = opt.telemetry()
+    for i, name in enumerate(names):
+        xn, un, ratio = ref.norms[(0, i)]
+        assert tele[name] == pytest.approx({"param_norm": xn, "update_norm": un, "trust_ratio": ratio}, rel=1e-5)
