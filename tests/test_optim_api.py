@@ -643,3 +643,21 @@ def test_mixed_dtype_group_telemetry_maps_to_the_right_tensors(cls, impl):
     for i, name in enumerate(names):
         xn, un, ratio = ref.norms[(0, i)]
         assert tele[name] == pytest.approx({"param_norm": xn, "update_norm": un, "trust_ratio": ratio}, rel=1e-5)
+
+
+def test_param_groups_tied_weights_appear_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(7, 4)
+            self.decoder = nn.Linear(4, 7)
+            self.decoder.weight = self.embed.weight
+
+    model = Tied()
+    groups = largebatch.param_groups(model)
+    names = [n for g in groups for n in g["param_names"]]
+    assert sorted(names) == ["decoder.bias", "embed.weight"]
+    opt = largebatch.Lamb(groups, lr=0.01)           # torch rejects a parameter listed twice
+    model.decoder(model.embed(torch.tensor([1, 2]))).sum().backward()
+    opt.step()
+    assert set(opt.telemetry()) == {"decoder.bias", "embed.weight"}
