@@ -447,3 +447,14 @@ def test_lars_flag_combinations(mode, larc, nesterov, trust, phi, max_grad_norm,
                    lr=lr, trust_coefficient=0.02)
     problem = make_problem(torch.float64, 7, group0=[(3, 4), (), (0,), (5,)], group1=[(2,)], steps=5)
     run_pair("lars", options, impl, torch.float64, problem=problem)
+
+
+@pytest.mark.parametrize("cls, ref_cls", [(largebatch.Lamb, ReferenceLamb), (largebatch.Lars, ReferenceLars)])
+def test_class_defaults_are_the_papers(cls, ref_cls):
+    """The defaults ARE the paper's algorithm (SPEC §1–2): β=(0.9, 0.999), ε=1e-6 outside √, λ=0.01 decoupled
+    inside the ratio, bias correction inside, φ = identity, ratio on every tensor; LARS Algorithm 1."""
+    import inspect
+
+    signature = inspect.signature(cls).parameters
+    for key, value in ref_cls.defaults.items():
+        assert signature[key].default == value, key
