@@ -26,6 +26,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _torchrun(nproc, argv, env):
+    """torchrun on 127.0.0.1; retried only when the chosen port was taken meanwhile (shared machine)."""
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--no-python",
+                               sys.executable, *argv], capture_output=True, text=True, env=env, timeout=600)
+        if "address already in use" not in proc.stderr.lower():
+            return proc
+    return proc
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_data_parallel_with_accumulation_equals_single_process(tmp_path, strategy):
     """DDP, and FSDP2 with Lamb's whole-tensor trust ratios, equal one process on the same global batch."""
@@ -38,11 +49,7 @@ def test_data_parallel_with_accumulation_equals_single_process(tmp_path, strateg
     single = subprocess.run([sys.executable, "-c", DRIVER, json.dumps({**base, "out": str(tmp_path / "one")})],
                             capture_output=True, text=True, env=env, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                          "--no-python", sys.executable, "-c", DRIVER,
-                          json.dumps({**base, "out": str(tmp_path / "two")})],
-                         capture_output=True, text=True, env=env, timeout=600)
+    ddp = _torchrun(2, ["-c", DRIVER, json.dumps({**base, "out": str(tmp_path / "two")})], env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "× 2 process(es)" in ddp.stdout  # the global effective batch is reported at start
     a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
@@ -80,10 +87,7 @@ def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
     env = {**os.environ, "LARGEBATCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
     def torchrun(nproc, *extra):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--no-python",
-                               sys.executable, "-c", KILL_DRIVER, json.dumps(base), *extra],
-                              capture_output=True, text=True, env=env, timeout=600)
+        return _torchrun(nproc, ["-c", KILL_DRIVER, json.dumps(base), *extra], env)
 
     killed = torchrun(2, "3")
     assert killed.returncode != 0  # torchrun tears the job down and reports the failed rank
