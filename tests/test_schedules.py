@@ -1,5 +1,7 @@
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from largebatch import schedules as S
@@ -71,3 +73,48 @@ def test_reset_optimizer_state_modes():
     assert opt.state[p]["step"].item() == 0 and opt.state[p]["exp_avg"].abs().sum() > 0
     S.reset_optimizer_state(opt, "reset")
     assert opt.state[p]["exp_avg"].abs().sum() == 0
+
+
+def test_reset_moments_keeps_the_step_counter():
+    import largebatch
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = largebatch.Lamb([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.step()
+    S.reset_optimizer_state(opt, "reset_moments")
+    assert opt.state[p]["step"].item() == 2
+    assert opt.state[p]["exp_avg"].abs().sum() == 0 and opt.state[p]["exp_avg_sq"].abs().sum() == 0
+    with pytest.raises(ValueError, match="mode"):
+        S.reset_optimizer_state(opt, "forget")
+    with pytest.raises(ValueError, match="optimizer_state"):
+        S.Phase(steps=2, batch_size=8, peak_lr=1.0, warmup_steps=0, optimizer_state="forget")
+
+
+def test_scheduled_lr_drives_any_optimizer_and_keeps_group_multipliers():
+    w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [w]}, {"params": [b], "lr_scale": 0.1}], lr=123.0)
+    sched = S.ScheduledLR(opt, lambda t: S.warmup_poly_decay(t, peak_lr=1.0, warmup_steps=2, total_steps=6))
+    assert sched.apply(3) == pytest.approx(0.75)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.75, 0.075])
+    # no hidden counter: jumping to any step (a resume) gives that step's LR
+    assert sched.apply(0) == pytest.approx(0.5) and opt.param_groups[1]["lr"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="lr from the schedule"):
+        S.ScheduledLR(opt, lambda t: float("nan")).apply(0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(peak=st.floats(1e-5, 10), end_frac=st.floats(0, 1), warmup=st.integers(0, 50), extra=st.integers(1, 200),
+       power=st.floats(0.1, 3))
+def test_poly_schedule_properties(peak, end_frac, warmup, extra, power):
+    total = warmup + extra
+    end = peak * end_frac
+    lrs = [S.warmup_poly_decay(t, peak_lr=peak, warmup_steps=warmup, total_steps=total, power=power, end_lr=end)
+           for t in range(total + 3)]
+    assert all(0 < lr <= peak * (1 + 1e-12) for lr in lrs[:warmup])           # warmup never starts at 0
+    assert all(a <= b * (1 + 1e-12) for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))   # warmup rises
+    decay = lrs[warmup:]
+    assert decay[0] == pytest.approx(peak)
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(decay, decay[1:]))       # decay never rises
+    assert all(lr == pytest.approx(end) for lr in lrs[total:])

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
+
+#: what happens to the optimizer state at a phase boundary (see :class:`Phase`)
+OptimizerStatePolicy = Literal["keep", "reset_step", "reset_moments", "reset"]
+OPTIMIZER_STATE_POLICIES = ("keep", "reset_step", "reset_moments", "reset")
 
 
 def _check_nonneg_int(name: str, value: int) -> None:
@@ -46,6 +50,8 @@ def constant(step: int, *, peak_lr: float, warmup_steps: int = 0) -> float:
     """Constant LR after an optional linear warmup."""
     _check_nonneg_int("step", step)
     _check_nonneg_int("warmup_steps", warmup_steps)
+    if peak_lr < 0:
+        raise ValueError(f"Invalid peak_lr: {peak_lr} (allowed: >= 0)")
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     return peak_lr
@@ -94,7 +100,8 @@ class Phase:
 
     ``optimizer_state``: what happens to the optimizer at the start of this phase:
     ``"keep"`` (m, v and step counters carry on), ``"reset_step"`` (keep m, v, restart the bias-correction
-    step counters: NVIDIA's BERT phase 2) or ``"reset"`` (fresh moments and counters).
+    step counters: NVIDIA's BERT phase 2), ``"reset_moments"`` (zero m, v, keep the counters) or
+    ``"reset"`` (fresh moments and counters, as a new optimizer).
     """
 
     steps: int
@@ -104,15 +111,16 @@ class Phase:
     seq_len: int | None = None
     power: float = 1.0
     end_lr: float = 0.0
-    optimizer_state: Literal["keep", "reset_step", "reset"] = "keep"
+    optimizer_state: OptimizerStatePolicy = "keep"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"Invalid phase: steps={self.steps}, batch_size={self.batch_size} (allowed: >= 1)")
         if self.warmup_steps > self.steps:
             raise ValueError(f"Invalid phase warmup_steps: {self.warmup_steps} (allowed: <= steps = {self.steps})")
-        if self.optimizer_state not in ("keep", "reset_step", "reset"):
-            raise ValueError(f"Invalid optimizer_state: {self.optimizer_state!r} (allowed: 'keep' | 'reset_step' | 'reset')")
+        if self.optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            raise ValueError(f"Invalid optimizer_state: {self.optimizer_state!r} "
+                             f"(allowed: {' | '.join(repr(p) for p in OPTIMIZER_STATE_POLICIES)})")
 
 
 def phase_at(phases: list[Phase], step: int) -> tuple[int, int]:
@@ -136,22 +144,51 @@ def multi_phase_lr(phases: list[Phase], step: int) -> float:
                              power=ph.power, end_lr=ph.end_lr)
 
 
-def reset_optimizer_state(optimizer: torch.optim.Optimizer, mode: Literal["keep", "reset_step", "reset"]) -> None:
-    """Apply a phase boundary's optimizer policy (see :class:`Phase`)."""
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, mode: OptimizerStatePolicy) -> None:
+    """Apply a phase boundary's optimizer policy (see :class:`Phase`) in place.
+
+    Tensors are zeroed rather than dropped so the state keeps its keys and dtypes (fp32 masters of bf16
+    parameters are weights, not moments: they are never touched).
+    """
+    if mode not in OPTIMIZER_STATE_POLICIES:
+        raise ValueError(f"Invalid mode: {mode!r} (allowed: {' | '.join(repr(p) for p in OPTIMIZER_STATE_POLICIES)})")
     if mode == "keep":
         return
+    reset_step = mode in ("reset_step", "reset")
+    reset_moments = mode in ("reset_moments", "reset")
     for state in optimizer.state.values():
-        if mode == "reset":
-            for key, value in list(state.items()):
-                if key == "master_param":
-                    continue
-                if torch.is_tensor(value):
-                    value.zero_()
-        elif "step" in state:
-            state["step"].zero_()
+        for key, value in state.items():
+            if key == "master_param" or not torch.is_tensor(value):
+                continue
+            if key == "step" and reset_step or key != "step" and reset_moments:
+                value.zero_()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Write the schedule's LR into every group (times the group's optional ``lr_scale``)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class ScheduledLR:
+    """Drive any ``torch.optim.Optimizer`` from a pure function of the global step.
+
+    ``ScheduledLR(opt, lambda t: warmup_poly_decay(t, ...)).apply(step)`` before ``opt.step()``. Unlike
+    ``torch.optim.lr_scheduler`` it keeps no counter of its own: the LR of step t is ``lr_at(t)`` however
+    the run got there (resume, skipped steps), so there is no scheduler state to save. Groups with an
+    ``lr_scale`` entry keep their relative multiplier.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float]):
+        self.optimizer = optimizer
+        self.lr_at = lr_at
+        self.last_lr: float | None = None
+
+    def apply(self, step: int) -> float:
+        """Set every group's LR for global ``step`` (0-based) and return the schedule's value."""
+        lr = float(self.lr_at(step))
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"Invalid lr from the schedule at step {step}: {lr!r} (allowed: a finite number >= 0)")
+        set_lr(self.optimizer, lr)
+        self.last_lr = lr
+        return lr
