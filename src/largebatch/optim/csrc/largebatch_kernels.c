@@ -68,6 +68,40 @@ static int cmp_desc(const void* a, const void* b, void* sizes) {
     return (sa < sb) - (sa > sb);
 }
 
+/* The per-tensor schedule shared by LAMB and LARS, in one parallel region: pass 1 over fixed chunks
+ * (partial sums of ||x||^2 and ||u||^2), the norms summed in chunk order and the ratio by one thread,
+ * then pass 2 backwards (the chunks pass 1 touched last are the ones still in cache).
+ * PASS1 / PASS2 are statements over [lo, hi) of chunk k; RATIO an expression of out[0], out[1].
+ * phase NORMS stops after the sums (out[0..1] = squared norms); phase APPLY reads the ratio from out[2]. */
+#define TWO_PASS_TENSOR(PASS1, RATIO, PASS2)                                                       \
+    int64_t nch = (n + CHUNK - 1) / CHUNK;                                                         \
+    double* part = phase != PHASE_APPLY ? (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1)) : NULL; \
+    _Pragma("omp parallel num_threads(nt) if(nt > 1 && nch > 1)")                                  \
+    {                                                                                              \
+        if (phase != PHASE_APPLY) {                                                                \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t k = 0; k < nch; k++) {                                                    \
+                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
+                PASS1;                                                                             \
+            }                                                                                      \
+            _Pragma("omp single")                                                                  \
+            {                                                                                      \
+                double sx = 0.0, su = 0.0;                                                         \
+                for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }    \
+                if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; }                           \
+                else { out[0] = sqrt(sx); out[1] = sqrt(su); out[2] = (RATIO); }                   \
+            }                                                                                      \
+        }                                                                                          \
+        if (phase != PHASE_NORMS) {                                                                \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t k = nch - 1; k >= 0; k--) {                                               \
+                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
+                PASS2;                                                                             \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    free(part);
+
 /* ------------------------------------------------------------------------------------------ LAMB */
 /* Pass 1 stores u in the caller's scratch buffer: pass 2 is then x <- x*dk + s*u, with no second
  * sqrt/div (those made the step compute-bound on 2 cores). */
@@ -112,39 +146,10 @@ static void lamb_pass2_##SUF(T* restrict x, const T* restrict scratch, int64_t l
 static void lamb_tensor_##SUF(T* x, const T* g, T* m, T* v, T* scratch, int64_t n,                 \
                               const double* coef, int trust, const LambHyper* h, double* out,       \
                               int phase, int nt) {                                                  \
-    int64_t nch = (n + CHUNK - 1) / CHUNK;                                                         \
-    double* part = phase != PHASE_APPLY ? (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1)) : NULL; \
-    /* one parallel region per tensor: pass 1, norms + ratio (one thread), pass 2 backwards */     \
-    _Pragma("omp parallel num_threads(nt) if(nt > 1 && nch > 1)")                                  \
-    {                                                                                              \
-        if (phase != PHASE_APPLY) {                                                                \
-            _Pragma("omp for schedule(static)")                                                    \
-            for (int64_t k = 0; k < nch; k++) {                                                    \
-                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
-                lamb_pass1_##SUF(x, g, m, v, scratch, lo, hi, coef, h, part + 2 * k);                                                                               \
-            }                                                                                      \
-            _Pragma("omp single")                                                                  \
-            {                                                                                      \
-                double sx = 0.0, su = 0.0;                                                         \
-                for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }    \
-                if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; }                           \
-                else {                                                                             \
-                    out[0] = sqrt(sx); out[1] = sqrt(su);                                          \
-                    out[2] = trust ? phi_ratio(out[0], out[1], h->phi, h->has_min, h->phi_min,         \
-                                           h->has_max, h->phi_max) : 1.0;                          \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-        if (phase != PHASE_NORMS) {                                                                \
-            /* backwards: the chunks pass 1 touched last are the ones still in cache */            \
-            _Pragma("omp for schedule(static)")                                                    \
-            for (int64_t k = nch - 1; k >= 0; k--) {                                               \
-                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
-                lamb_pass2_##SUF(x, scratch, lo, hi, h->decay_out, coef[4] * out[2]);                                                                               \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-    free(part);                                                                                    \
+    TWO_PASS_TENSOR(lamb_pass1_##SUF(x, g, m, v, scratch, lo, hi, coef, h, part + 2 * k),          \
+                    trust ? phi_ratio(out[0], out[1], h->phi, h->has_min, h->phi_min, h->has_max,  \
+                                      h->phi_max) : 1.0,                                           \
+                    lamb_pass2_##SUF(x, scratch, lo, hi, h->decay_out, coef[4] * out[2]))          \
 }
 
 DEFINE_LAMB(float, f32, float)
@@ -192,38 +197,9 @@ static void lars_range_##SUF(T* restrict x, const T* restrict g, T* restrict m, 
                                                                                                    \
 static void lars_tensor_##SUF(T* x, const T* g, T* m, int64_t n, int trust, const LarsHyper* h,   \
                               double* out, int phase, int nt) {                                    \
-    int64_t nch = (n + CHUNK - 1) / CHUNK;                                                         \
-    double* part = phase != PHASE_APPLY ? (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1)) : NULL; \
-    /* one parallel region per tensor: pass 1, norms + ratio (one thread), pass 2 backwards */     \
-    _Pragma("omp parallel num_threads(nt) if(nt > 1 && nch > 1)")                                  \
-    {                                                                                              \
-        if (phase != PHASE_APPLY) {                                                                \
-            _Pragma("omp for schedule(static)")                                                    \
-            for (int64_t k = 0; k < nch; k++) {                                                    \
-                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
-                lars_range_##SUF(x, g, m, lo, hi, h, 1, 0.0, part + 2 * k);                                                                               \
-            }                                                                                      \
-            _Pragma("omp single")                                                                  \
-            {                                                                                      \
-                double sx = 0.0, su = 0.0;                                                         \
-                for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }    \
-                if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; }                           \
-                else {                                                                             \
-                    out[0] = sqrt(sx); out[1] = sqrt(su);                                          \
-                    out[2] = trust ? lars_ratio(out[0], out[1], h) : 1.0;                             \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-        if (phase != PHASE_NORMS) {                                                                \
-            /* backwards: the chunks pass 1 touched last are the ones still in cache */            \
-            _Pragma("omp for schedule(static)")                                                    \
-            for (int64_t k = nch - 1; k >= 0; k--) {                                               \
-                int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
-                lars_range_##SUF(x, g, m, lo, hi, h, 2, out[2], NULL);                                                                               \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-    free(part);                                                                                    \
+    TWO_PASS_TENSOR(lars_range_##SUF(x, g, m, lo, hi, h, 1, 0.0, part + 2 * k),                    \
+                    trust ? lars_ratio(out[0], out[1], h) : 1.0,                                   \
+                    lars_range_##SUF(x, g, m, lo, hi, h, 2, out[2], NULL))                         \
 }
 
 DEFINE_LARS(float, f32, float)
