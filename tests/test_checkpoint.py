@@ -57,6 +57,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     a = load_checkpoint(tmp_path / "straight")
     b = load_checkpoint(tmp_path / "killed")
     assert a["step"] == b["step"] == 6
+    assert a["data_position"] == b["data_position"] == {"epoch": 1, "sample_in_epoch": 88, "seed": 0}  # 6·48 = 200 + 88
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
@@ -97,3 +98,26 @@ def test_checkpoint_loading_never_runs_code(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from largebatch.train.checkpoint import rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint({"step": 1, "model": {}, "rng": rng_state()}, tmp_path, 1)
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(load_checkpoint(tmp_path)["rng"])   # load_checkpoint uses weights_only=True
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_retention_keeps_the_newest_and_leaves_no_temp_files(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint({"step": step, "model": {"w": torch.full((2,), float(step))}}, tmp_path, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
+    assert not list(tmp_path.glob(".ckpt-*"))  # the temp file became the checkpoint (os.replace)

@@ -196,9 +196,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
     t_last = time.perf_counter()
     record: dict[str, Any] = {}
     consecutive_skips = 0
+    scheduled_lr = schedules.ScheduledLR(optimizer, lambda t: lr_at(cfg, t, total_steps))
     for step in range(start_step, total_steps):
-        lr = lr_at(cfg, step, total_steps)
-        schedules.set_lr(optimizer, lr)
+        lr = scheduled_lr.apply(step)
         indices = D.rank_slice(sample_indices(step, cfg.batch_size, n, cfg.seed), ctx)
         micro = [task.batch(idx, step_generator(cfg.seed, step, i + ctx.rank * 10_000))
                  for i, idx in enumerate(split_indices(indices, cfg.micro_batch_size))]
@@ -244,8 +244,14 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
         if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or is_last:
             model_state, optim_state = D.full_state(model, optimizer)  # collective under FSDP2
             if ctx.is_main:
+                epoch, offset = divmod((step + 1) * cfg.batch_size, n)
+                # step alone determines what comes next (data order, masks and LR are functions of it);
+                # the data position and LR are stored to make the file self-describing
                 save_checkpoint({"step": step + 1, "model": model_state, "optimizer": optim_state,
                                  "rng": rng_state(), "skipped_steps": skipped,
+                                 "data_position": {"epoch": epoch, "sample_in_epoch": offset, "seed": cfg.seed},
+                                 "schedule": {"lr": lr, "next_lr": lr_at(cfg, step + 1, total_steps),
+                                              "total_steps": total_steps},
                                  **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
                                  "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
                                 out, step + 1, keep=cfg.keep_checkpoints)
