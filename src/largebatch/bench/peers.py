@@ -19,7 +19,7 @@ def load_peer(package: str, subdir: str, module: str):
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"{package} is not installed ({INSTALL})")
-    folder = list(spec.submodule_search_locations)[0] + (f"/{subdir}" if subdir else "")
+    folder = next(iter(spec.submodule_search_locations)) + (f"/{subdir}" if subdir else "")
     alias = f"_largebatch_peer_{package}_{subdir or 'root'}"
     if alias not in sys.modules:
         pkg = types.ModuleType(alias)

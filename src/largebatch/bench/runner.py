@@ -1,16 +1,12 @@
-"""Timing and memory of one optimizer step, all optimizers in one process, interleaved round-robin.
+"""Timing of one optimizer step, all optimizers in one process, interleaved round-robin.
 
-Timing and memory are measured in separate passes (the memory probe disturbs the step after it).
-
-Memory: before a step, Linux's peak-RSS counter (VmHWM) is reset to the current RSS (``clear_refs``);
-after it, VmHWM − RSS-before is the peak extra memory the step touched. glibc's dynamic mmap threshold
-is pinned first (``mallopt``) so that every large temporary is a fresh mapping and is counted each step.
-Buffers an optimizer keeps outside its state (our kernel's scratch) are added, since they are allocated
-once and would not show up after the first step. Off Linux, memory is reported as unavailable.
+Every optimizer gets fresh parameters of the same shapes with fixed random gradients (seed 0); after the
+warm-up steps, one step of each optimizer is timed in turn (``time.perf_counter``), so all share the machine's
+noise; medians and inter-quartile ranges are reported. Memory (see ``memory.py``) is measured in a separate
+pass after the timing, since resetting the peak-RSS counter perturbs the step after it.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import statistics
 import time
@@ -18,55 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .bandwidth import bandwidth_gbs, floor_seconds  # noqa: F401 - re-exported for the CLI
+from .memory import measured_step, persistent_extra_bytes, pin_mmap_threshold  # noqa: F401
 from .shapes import numel
-
-M_MMAP_THRESHOLD = -3
-
-
-def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except OSError:
-        return False
-
-
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def measured_step(opt) -> tuple[float, int | None]:
-    """(seconds, peak extra bytes) of one ``opt.step()``."""
-    rss0 = _status_kib("VmRSS")
-    ok = rss0 is not None and _reset_peak()
-    t0 = time.perf_counter()
-    opt.step()
-    dt = time.perf_counter() - t0
-    if not ok:
-        return dt, None
-    peak = _status_kib("VmHWM")
-    return dt, max(0, (peak - rss0) * 1024) if peak is not None else None
-
-
-def persistent_extra_bytes(opt) -> int:
-    bufs = getattr(opt, "_scratch_buffers", {}) or {}
-    return sum(b.numel() * b.element_size() for b in bufs.values())
 
 
 @dataclass
@@ -126,22 +76,10 @@ def bench_set(shapes, factories: dict, *, steps: int, warmup: int, memory: bool 
     return results
 
 
-def bandwidth_gbs(n: int = 50_000_000, repeats: int = 5) -> float:
-    """Read-modify-write bandwidth (a += s·b: 12 bytes per element), as an optimizer step streams memory."""
-    a, b = torch.randn(n), torch.randn(n)
-    best = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a.add_(b, alpha=1e-3)
-        best.append(time.perf_counter() - t0)
-    del a, b
-    return 12 * n / statistics.median(best) / 1e9
-
-
 def summarise(set_name: str, shapes, results: dict, bandwidth: float) -> dict:
     n_params = sum(numel(s) for s in shapes)
     largest = max(numel(s) for s in shapes) * 4
-    floor_s = 28 * n_params / (bandwidth * 1e9)
+    floor_s = floor_seconds(n_params, bandwidth)
     base = next(iter(results.values())).median
     rows = []
     for r in results.values():

@@ -47,3 +47,13 @@ def numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def describe() -> str:
+    """One line per set: tensors and parameters (``python -m largebatch.bench.shapes``)."""
+    return "\n".join(f"{name}: {len(f())} tensors, {sum(numel(s) for s in f()):,} parameters"
+                     for name, f in SETS.items())
+
+
+if __name__ == "__main__":
+    print(describe())
