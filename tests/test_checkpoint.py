@@ -121,3 +121,13 @@ def test_retention_keeps_the_newest_and_leaves_no_temp_files(tmp_path):
         save_checkpoint({"step": step, "model": {"w": torch.full((2,), float(step))}}, tmp_path, step, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
     assert not list(tmp_path.glob(".ckpt-*"))  # the temp file became the checkpoint (os.replace)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
+    from largebatch.train.loop import TrainConfig, train
+
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path / "cache"))
+    cfg = {**TINY, "steps": 1, "eval_every": 0, "out": str(tmp_path / "run")}
+    train(TrainConfig(**cfg))
+    with pytest.raises(ValueError, match=r"batch_size=64 \(checkpoint: 48\)"):
+        train(TrainConfig(**{**cfg, "steps": 2, "batch_size": 64}), resume=str(tmp_path / "run"))

@@ -51,3 +51,30 @@ def test_presets_json():
 def test_plot_missing_run(tmp_path):
     proc = _cli("plot", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.png"))
     assert proc.returncode == 2 and "metrics.jsonl" in proc.stderr
+
+
+def test_config_file_then_command_line_overrides(tmp_path):
+    import argparse
+
+    from largebatch.cli import train as cli_train
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("task: image\nbatch_size: 512\nlr: 0.1\ntask_options: {width: 8}\n")
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    cfg = cli_train.build_config(parser.parse_args(["--config", str(cfg_file), "--lr", "0.3", "--task-opt", "blocks=2"]))
+    assert (cfg.task, cfg.batch_size, cfg.lr) == ("image", 512, 0.3)          # file, file, command line
+    assert cfg.micro_batch_size == cli_train.TASK_DEFAULTS["image"]["micro_batch_size"]  # task default
+    assert cfg.task_options == {"width": 8, "blocks": 2}
+    assert cli_train.build_config(parser.parse_args([])).task == "mlm"         # no arguments: the main job
+
+
+def test_resume_with_other_settings_exits_2(tmp_path):
+    run = tmp_path / "r"
+    opts = ["--steps", "1", "--out", str(run), "--no-progress", "--eval-every", "0",
+            "--task-opt", "limit_train_sequences=64", "--task-opt", "max_eval_sequences=32", "--task-opt", "hidden=32",
+            "--task-opt", "layers=1", "--task-opt", "intermediate=64", "--task-opt", "vocab_size=512"]
+    env = {**__import__("os").environ, "LARGEBATCH_CACHE": str(tmp_path / "cache")}
+    assert _cli("train", *opts, env=env).returncode == 0
+    proc = _cli("train", *opts, "--lr", "0.5", "--resume", str(run), env=env)
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr.strip().splitlines()[-1]

@@ -81,6 +81,19 @@ class TrainConfig:
 
 
 MAX_CONSECUTIVE_SKIPS = 10
+#: settings that decide the trajectory: a resumed run must have the checkpoint's values to be bit-exact
+#: (micro_batch_size included: the MLM masks are drawn per micro-batch)
+TRAJECTORY_FIELDS = ("task", "task_options", "optimizer", "optimizer_options", "batch_size", "micro_batch_size",
+                     "lr", "warmup_steps", "epochs", "steps", "schedule", "power", "end_lr", "seed", "precision")
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: str) -> None:
+    """Refuse to resume with settings that would silently give another run than the checkpoint's."""
+    current = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    differ = [f"{f}={current[f]!r} (checkpoint: {saved[f]!r})" for f in TRAJECTORY_FIELDS
+              if f in saved and saved[f] != current[f]]
+    if differ:
+        raise ValueError(f"cannot resume from {path} with different settings: {'; '.join(differ)}")
 
 
 def sample_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> torch.Tensor:
@@ -154,6 +167,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None and "config" in ckpt:
+        check_resume_config(cfg, ckpt["config"], ckpt["path"])
     torch.manual_seed(cfg.seed)
     if task is None:
         with D.main_first(ctx):  # rank 0 trains and caches the tokenizer first
