@@ -43,7 +43,7 @@ def test_data_parallel_with_accumulation_equals_single_process(tmp_path, strateg
     # classify from scratch, dropout 0: batch() draws no randomness, so both runs see identical data
     base = dict(task="classify", optimizer="lamb", batch_size=24, micro_batch_size=5, lr=1e-2, warmup_steps=1,
                 strategy=strategy,
-                steps=3, progress=False, plot=False, threads=1, checkpoint_every=0,
+                steps=5, progress=False, plot=False, threads=1, checkpoint_every=3,
                 task_options=dict(checkpoint=None, seq_len=32, dropout=0.0, limit_train=48))
     env = {**os.environ, "LARGEBATCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-c", DRIVER, json.dumps({**base, "out": str(tmp_path / "one")})],
@@ -58,14 +58,18 @@ def test_data_parallel_with_accumulation_equals_single_process(tmp_path, strateg
     la = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-5)
-    if strategy == "fsdp":  # the checkpoint of the 2-rank sharded run resumes in 1 process
-        more = {**base, "steps": 5, "out": str(tmp_path / "two")}
+    if strategy == "fsdp":  # the step-3 checkpoint of the 2-rank sharded run resumes in 1 process, same end
         driver = DRIVER.replace("train(TrainConfig(**json.loads(sys.argv[1])))",
                                 "train(TrainConfig(**json.loads(sys.argv[1])), resume=sys.argv[2])")
-        resumed = subprocess.run([sys.executable, "-c", driver, json.dumps(more), str(tmp_path / "two")],
+        resumed = subprocess.run([sys.executable, "-c", driver, json.dumps({**base, "out": str(tmp_path / "three")}),
+                                  str(tmp_path / "two" / "ckpt-00000003.pt")],
                                  capture_output=True, text=True, env=env, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert "resumed at step 3" in resumed.stdout and load_checkpoint(tmp_path / "two")["step"] == 5
+        assert "resumed at step 3" in resumed.stdout
+        c = load_checkpoint(tmp_path / "three")
+        assert c["step"] == 5
+        for k, v in a["model"].items():
+            torch.testing.assert_close(c["model"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
 KILL_DRIVER = textwrap.dedent("""
