@@ -20,10 +20,12 @@ def run(args: argparse.Namespace) -> int:
     from largebatch.study.runner import FinetuneRunner, SuiteRunner
     from largebatch.study.suites import get_suite
     from largebatch.tasks import DataMissingError
+    from largebatch.train.allocator import keep_freed_memory
 
     suite = get_suite(args.suite)
     out = args.out or Path("studies") / suite.name
     runner_cls = FinetuneRunner if suite.source else SuiteRunner
+    keep_freed_memory()
     try:
         runner_cls(suite, out, threads=args.threads, verbose=args.verbose).run()
     except (DataMissingError, FileNotFoundError) as exc:

@@ -23,7 +23,7 @@ TASK_DEFAULTS = {
     "image": dict(batch_size=1024, micro_batch_size=256, lr=0.02, warmup_steps=10, epochs=2.0, eval_every=25),
 }
 _FIELDS = ("optimizer", "batch_size", "micro_batch_size", "lr", "warmup_steps", "epochs", "steps", "schedule",
-           "power", "seed", "eval_every", "checkpoint_every", "out", "threads", "precision", "nonfinite", "strategy")
+           "power", "seed", "eval_every", "trust_every", "checkpoint_every", "out", "threads", "precision", "nonfinite", "strategy")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--power", type=float, help="polynomial decay power (1 = linear)")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
+    p.add_argument("--trust-every", type=int, help="steps between per-tensor trust-ratio records (trust.jsonl)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (always one at the end)")
     p.add_argument("--out", help="run directory (metrics.jsonl, checkpoints, summary.json, curves.png)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -108,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"largebatch train: error: {exc}", file=sys.stderr)
         return 2
     from largebatch.tasks import DataMissingError
+    from largebatch.train.allocator import keep_freed_memory
     from largebatch.train.checkpoint import CheckpointError
     from largebatch.train.loop import train
 
+    keep_freed_memory()
     try:
         summary = train(cfg, resume=args.resume)
     except (DataMissingError, CheckpointError) as exc:

@@ -63,6 +63,7 @@ class SuiteRunner:
                 batch_size=batch, micro_batch_size=min(batch, s.micro_batch_size), lr=lr,
                 warmup_steps=min(s.warmup_steps, total), epochs=s.epochs, seed=seed,
                 eval_every=max(1, math.ceil(total / s.eval_points)), checkpoint_every=max(1, math.ceil(total / 4)),
+                trust_every=max(1, math.ceil(total / 40)),
                 keep_checkpoints=1, out=str(run_dir), threads=self.threads, progress=self.verbose, plot=False)
             resume = str(run_dir) if list_checkpoints(run_dir) else None
             import contextlib

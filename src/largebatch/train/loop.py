@@ -46,6 +46,7 @@ class TrainConfig:
     eval_every: int = 0              # steps between held-out evaluations (0: only at the end)
     eval_split: str = "validation"   # evaluated during training; the final summary adds "test"
     log_every: int = 1
+    trust_every: int = 0             # steps between per-tensor trust-ratio records in trust.jsonl (0: none)
     checkpoint_every: int = 0        # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
     out: str = "runs/latest"
@@ -135,6 +136,12 @@ def _trust_summary(optimizer) -> dict[str, float]:
             "trust_ratio_max": max(ratios)}
 
 
+def _trust_ratios(optimizer) -> dict[str, float]:
+    """Per-tensor trust ratios of the last step, by parameter name ({} for optimizers without them)."""
+    telemetry = getattr(optimizer, "telemetry", None)
+    return {name: v["trust_ratio"] for name, v in telemetry().items()} if telemetry is not None else {}
+
+
 class JsonlLog:
     """metrics.jsonl of a run; on resume, records after the checkpoint's step are dropped first."""
 
@@ -195,6 +202,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         log = JsonlLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
+        trust_log = JsonlLog(out / "trust.jsonl", start_step if ckpt is not None else None)
     per_rank = math.ceil(cfg.batch_size / ctx.world_size)
     accum = math.ceil(per_rank / cfg.micro_batch_size)
     if ctx.is_main:
@@ -253,6 +261,10 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
             record["diverged"] = True
         if log is not None:
             log.write(record)
+            if cfg.trust_every and ((step + 1) % cfg.trust_every == 0 or is_last or step == 0):
+                trust = _trust_ratios(optimizer)
+                if trust:
+                    trust_log.write({"step": step + 1, "trust_ratio": trust})
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.0f}")
             bar.update(1)

@@ -1,0 +1,33 @@
+"""Keep freed activation memory in the process instead of returning it to the OS after every step.
+
+With glibc's defaults, every large activation buffer (above the dynamic mmap threshold) is a fresh
+``mmap`` that is unmapped when freed, so each training step faults the same pages in again; for small
+models trained at large batch on CPU that costs 15–50% of the step (measured here: the study's CNN at
+batch 1024 ran at 3,271 img/s by default, 3,865 img/s with this on). Equivalent to starting Python with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>``; the cost is that the process keeps its peak memory.
+
+The commands (``largebatch train``, ``largebatch study``) turn it on; the library's ``train()`` does not
+change process-wide allocator settings by itself. No effect off glibc.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc malloc never to trim the heap or serve allocations with mmap. True if applied."""
+    if os.environ.get("LARGEBATCH_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(M_MMAP_MAX, 0) == 1
+    return mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
