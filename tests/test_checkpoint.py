@@ -57,7 +57,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     a = load_checkpoint(tmp_path / "straight")
     b = load_checkpoint(tmp_path / "killed")
     assert a["step"] == b["step"] == 6
-    assert a["data_position"] == b["data_position"] == {"epoch": 1, "sample_in_epoch": 88, "seed": 0}  # 6·48 = 200 + 88
+    assert a["data_position"] == b["data_position"] == {"phase": 0, "epoch": 1, "sample_in_epoch": 88, "seed": 0}  # 6·48 = 200 + 88
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]

@@ -5,6 +5,7 @@ interrupted one continues from its last checkpoint. One overall progress bar wit
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -42,8 +43,33 @@ class SuiteRunner:
         task.model.load_state_dict(pristine)
         return task
 
+    def two_phase(self, base_lr: float) -> list[dict]:
+        """The suite's two-phase run and its single-phase twin (same tokens, same model), per seed."""
+        s, tp = self.suite, self.suite.two_phase
+        opt, b0 = tp["optimizer"], s.batches[0]
+        longest = max([tp["seq_len"]] + [p["seq_len"] for p in tp["phases"]])
+        options = {"seq_len": tp["seq_len"], "max_position": longest}
+        phases = [{"batch_size": p["batch_size"], "lr": schedules.scale_lr(base_lr, b0, p["batch_size"], s.scaling),
+                   "warmup_steps": p["warmup_steps"], "epochs": p["epochs"], "seq_len": p["seq_len"],
+                   "micro_batch_size": min(p["batch_size"], s.micro_batch_size),
+                   **({"optimizer_state": p["optimizer_state"]} if "optimizer_state" in p else {})}
+                  for p in tp["phases"]]
+        epochs = sum(p["epochs"] for p in tp["phases"])
+        twin_lr = schedules.scale_lr(base_lr, b0, tp["twin_batch"], s.scaling)
+        out = []
+        for seed in range(tp["seeds"]):
+            out.append(self.run_one(opt, tp["twin_batch"], twin_lr, seed, extra_task_options=options, epochs=epochs,
+                                    name=f"twin-{opt}-b{tp['twin_batch']}-len{tp['seq_len']}-s{seed}",
+                                    tags={"kind": "two-phase-twin", "seq_len": tp["seq_len"]}))
+            label = "-".join(f"b{p['batch_size']}x{p['seq_len']}" for p in phases)
+            out.append(self.run_one(opt, phases[-1]["batch_size"], phases[-1]["lr"], seed, extra_task_options=options,
+                                    phases=phases, name=f"two-phase-{opt}-{label}-s{seed}",
+                                    tags={"kind": "two-phase", "seq_len": tp["seq_len"], "phases": phases}))
+        return out
+
     def run_one(self, optimizer: str, batch: int, lr: float, seed: int, *, extra_task_options: dict | None = None,
-                name: str | None = None, tags: dict | None = None) -> dict:
+                name: str | None = None, tags: dict | None = None, phases: list[dict] | None = None,
+                epochs: float | None = None) -> dict:
         """Train one configuration (or read its finished summary)."""
         from ..train.checkpoint import list_checkpoints
         from ..train.loop import TrainConfig, train
@@ -56,15 +82,23 @@ class SuiteRunner:
         else:
             task_options = {**s.task_options, **(extra_task_options or {}), "seed": seed}
             task = self._task(task_options)
-            total = schedules.steps_for_epochs(s.epochs, task.train_size, batch)
+            epochs = s.epochs if epochs is None else epochs
+            total = schedules.steps_for_epochs(epochs, task.train_size, batch)
             cfg = TrainConfig(
                 task=s.task, task_options={k: v for k, v in task_options.items() if k != "seed"},
                 optimizer=optimizer, optimizer_options=dict(s.optimizer_options.get(optimizer, {})),
                 batch_size=batch, micro_batch_size=min(batch, s.micro_batch_size), lr=lr,
-                warmup_steps=min(s.warmup_steps, total), epochs=s.epochs, seed=seed,
+                warmup_steps=min(s.warmup_steps, total), epochs=epochs, seed=seed, phases=phases,
                 eval_every=max(1, math.ceil(total / s.eval_points)), checkpoint_every=max(1, math.ceil(total / 4)),
                 trust_every=max(1, math.ceil(total / 40)),
                 keep_checkpoints=1, out=str(run_dir), threads=self.threads, progress=self.verbose, plot=False)
+            if phases:  # the cadence of evaluations and checkpoints follows the phases' total
+                from ..train.loop import plan_phases
+                plan = plan_phases(cfg, task)
+                total = plan[-1].start + plan[-1].phase.steps
+                cfg = dataclasses.replace(cfg, eval_every=max(1, math.ceil(total / s.eval_points)),
+                                          checkpoint_every=max(1, math.ceil(total / 4)),
+                                          trust_every=max(1, math.ceil(total / 40)))
             resume = str(run_dir) if list_checkpoints(run_dir) else None
             import contextlib
             import io
@@ -110,7 +144,8 @@ class SuiteRunner:
         s = self.suite
         sweep = sum(len(g) for g in s.lr_grids.values())
         ladder = sum((s.seeds_largest if b == s.batches[-1] else s.seeds) for b in s.batches) * len(s.lr_grids)
-        return sweep + ladder - len(s.lr_grids)  # the smallest batch's seed-0 run is a sweep run
+        two_phase = 2 * s.two_phase["seeds"] if s.two_phase else 0
+        return sweep + ladder - len(s.lr_grids) + two_phase  # the smallest batch's seed-0 run is a sweep run
 
     def run(self) -> dict:
         s = self.suite
@@ -126,6 +161,8 @@ class SuiteRunner:
                 lr = schedules.scale_lr(best, s.batches[0], batch, s.scaling)
                 for seed in range(s.seeds_largest if batch == s.batches[-1] else s.seeds):
                     self.run_one(optimizer, batch, lr, seed, tags={"kind": "ladder"})
+        if s.two_phase:
+            self.two_phase(chosen[s.two_phase["optimizer"]])
         if self.bar is not None:
             self.bar.close()
         state = {"suite": s.name, "base_lr": chosen}

@@ -31,6 +31,12 @@ class Suite:
     scaling: str = "sqrt"
     eval_points: int = 8                     # evaluations per run (for curves and steps-to-target)
     source: str | None = None                # finetune: the pre-training suite whose checkpoints are used
+    # a two-phase ("mixed batch") run beside its single-phase twin, SPEC §4: ``optimizer``, ``seeds``,
+    # ``seq_len`` (the long length: the twin's, the last phase's and the evaluation's), ``twin_batch`` and
+    # ``phases`` (dicts of seq_len, batch_size, epochs, warmup_steps, optional optimizer_state). Every LR
+    # comes from the optimizer's swept base LR by the suite's scaling rule; the twin trains for the sum of
+    # the phases' epochs (the same number of tokens) with the suite's warmup.
+    two_phase: dict[str, Any] | None = None
     description: str = ""
 
 
@@ -39,8 +45,12 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
     Suite("mlm-scaling", "mlm", batches=(16, 64, 256, 1024), epochs=10.0, warmup_steps=50,
           micro_batch_size=1024,
           lr_grids={"lamb": (1e-3, 3e-3, 1e-2), "adamw": (3e-4, 1e-3, 3e-3), "lars": (1e-3, 3e-3, 1e-2)},
-          task_options=dict(vocab_size=4096, seq_len=32, hidden=64, layers=2, heads=2, intermediate=256),
+          task_options=dict(vocab_size=4096, seq_len=32, hidden=64, layers=2, heads=2, intermediate=256,
+                            dropout=0.0),
           target=0.10,
+          two_phase=dict(optimizer="lamb", seeds=2, seq_len=64, twin_batch=512, phases=[
+              dict(seq_len=32, batch_size=1024, epochs=9.0, warmup_steps=50),
+              dict(seq_len=64, batch_size=512, epochs=1.0, warmup_steps=10, optimizer_state="reset_step")]),
           description="BERT MLM on Shakespeare (held out by play), batch 16 → 1024 (64×), LAMB vs AdamW vs LARS"),
     # 55,000 training images: 6 epochs = 323 steps at batch 1024. Measured on 2 cores: width 8 trains at
     # ~3,000-3,900 img/s (width 16: ~1,900) -> ~2 min a run, ~48 runs
@@ -58,6 +68,9 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           task_options=dict(vocab_size=512, seq_len=32, hidden=32, layers=1, heads=2, intermediate=64,
                             limit_train_sequences=256, max_eval_sequences=64),
           seeds=1, seeds_largest=2, target=0.05, extend_grid=1, eval_points=3,
+          two_phase=dict(optimizer="lamb", seeds=1, seq_len=32, twin_batch=32, phases=[
+              dict(seq_len=16, batch_size=64, epochs=0.9, warmup_steps=2),
+              dict(seq_len=32, batch_size=32, epochs=0.1, warmup_steps=1, optimizer_state="reset_step")]),
           description="the whole pipeline in about a minute (CI)"),
 ]}
 

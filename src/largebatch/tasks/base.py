@@ -32,6 +32,12 @@ class Task:
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
         raise NotImplementedError
 
+    def set_train_seq_len(self, seq_len: int | None) -> int:
+        """Train on sequences of ``seq_len`` tokens from now on (``None``: the task's own); returns the new
+        number of training samples. Only sequence tasks support it (multi-phase runs)."""
+        raise ValueError(f"Invalid seq_len for task {self.name!r}: {seq_len!r} (allowed: only tasks with "
+                         "sequences, i.e. 'mlm', can change the sequence length between phases)")
+
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
         return f"{self.name}: {params / 1e6:.2f} M parameters, {self.train_size} training samples"

@@ -128,6 +128,7 @@ class MLMConfig:
     eval_seed: int = 1234
     max_eval_sequences: int | None = 2048
     limit_train_sequences: int | None = None   # tests use tiny slices
+    max_position: int | None = None            # position embeddings (default seq_len; a two-phase run's longest)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -149,14 +150,10 @@ class MLMTask(Task):
         self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
         self.special_ids = torch.tensor([vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")])
 
-        def encode(names):
-            seqs = [to_sequences(self.tokenizer.encode(plays[n], add_special_tokens=False).ids,
-                                 cfg.seq_len, self.cls_id, self.sep_id) for n in names]
-            return torch.cat(seqs) if seqs else torch.empty((0, cfg.seq_len), dtype=torch.long)
-
-        self.data = {split: encode(names) for split, names in self.splits.items()}
-        if cfg.limit_train_sequences:
-            self.data["train"] = self.data["train"][: cfg.limit_train_sequences]
+        self._ids = {n: self.tokenizer.encode(plays[n], add_special_tokens=False).ids for n in plays}
+        self.data = {split: self._encode(names, cfg.seq_len, cfg.limit_train_sequences if split == "train" else None)
+                     for split, names in self.splits.items()}
+        self._train_by_len = {cfg.seq_len: self.data["train"]}
         self.train_size = len(self.data["train"])
         counts = torch.bincount(self.data["train"].flatten(), minlength=self.vocab_size)
         counts[self.special_ids] = 0
@@ -165,9 +162,27 @@ class MLMTask(Task):
         self.model = MaskedOnlyMLM(BertConfig(
             vocab_size=self.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
             num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
-            max_position_embeddings=cfg.seq_len, hidden_dropout_prob=cfg.dropout,
+            max_position_embeddings=cfg.max_position or cfg.seq_len, hidden_dropout_prob=cfg.dropout,
             attention_probs_dropout_prob=cfg.dropout), BertForMaskedLM)
         self._eval_batches: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def _encode(self, names, seq_len: int, limit: int | None = None) -> Tensor:
+        seqs = [to_sequences(self._ids[n], seq_len, self.cls_id, self.sep_id) for n in names]
+        out = torch.cat(seqs) if seqs else torch.empty((0, seq_len), dtype=torch.long)
+        return out[:limit] if limit else out
+
+    def set_train_seq_len(self, seq_len: int | None) -> int:
+        """Train on ``seq_len``-token sequences cut from the same training plays (held-out sets unchanged)."""
+        seq_len = seq_len or self.config.seq_len
+        positions = self.config.max_position or self.config.seq_len
+        if not 3 <= seq_len <= positions:
+            raise ValueError(f"Invalid seq_len: {seq_len} (allowed: 3 ... {positions}, the model's position "
+                             "embeddings; set the task's max_position for longer phases)")
+        if seq_len not in self._train_by_len:
+            self._train_by_len[seq_len] = self._encode(self.splits["train"], seq_len, self.config.limit_train_sequences)
+        self.data["train"] = self._train_by_len[seq_len]
+        self.train_size = len(self.data["train"])
+        return self.train_size
 
     def describe(self) -> str:
         return (super().describe() + f"; {len(self.splits['train'])} training plays, held out: "

@@ -9,6 +9,7 @@ optimizer state and metrics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -54,6 +55,10 @@ class TrainConfig:
     precision: str = "fp32"          # "fp32" | "bf16-autocast" | "bf16" (fp32 masters in Lamb/Lars) | "fp16"
     nonfinite: str = "skip"          # non-finite gradients: "skip" the step or "raise"
     strategy: str = "ddp"            # with several processes: "ddp" (replicated) | "fsdp" (FSDP2, sharded)
+    # multi-phase ("mixed batch") training, SPEC §4: a list of phases, each a dict with batch_size, lr,
+    # warmup_steps, steps or epochs, and optionally seq_len, micro_batch_size, power, end_lr and
+    # optimizer_state ("keep" | "reset_step" | "reset_moments" | "reset"). Replaces batch_size/lr/epochs.
+    phases: list[dict[str, Any]] | None = None
     progress: bool = True
     plot: bool = True
 
@@ -77,15 +82,78 @@ class TrainConfig:
         check_precision(self.precision)
         if self.strategy not in D.STRATEGIES:
             raise ValueError(f"Invalid strategy: {self.strategy!r} (allowed: {' | '.join(D.STRATEGIES)})")
+        for i, ph in enumerate(self.phases or []):
+            check_phase(i, ph)
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite: {self.nonfinite!r} (allowed: {' | '.join(NONFINITE_POLICIES)})")
+
+
+PHASE_KEYS = ("batch_size", "lr", "warmup_steps", "steps", "epochs", "seq_len", "micro_batch_size", "power",
+              "end_lr", "optimizer_state")
+
+
+def check_phase(i: int, ph: dict[str, Any]) -> None:
+    """Structural checks of one phase dict (epochs become steps once the task's size is known)."""
+    if not isinstance(ph, dict):
+        raise ValueError(f"Invalid phases[{i}]: {ph!r} (allowed: a dict with keys {', '.join(PHASE_KEYS)})")
+    unknown = sorted(set(ph) - set(PHASE_KEYS))
+    if unknown:
+        raise ValueError(f"Invalid phases[{i}] key(s): {', '.join(unknown)} (allowed: {', '.join(PHASE_KEYS)})")
+    missing = [k for k in ("batch_size", "lr", "warmup_steps") if k not in ph]
+    if missing or ("steps" in ph) == ("epochs" in ph):
+        raise ValueError(f"Invalid phases[{i}]: needs batch_size, lr, warmup_steps and exactly one of steps | "
+                         f"epochs (missing: {', '.join(missing) or 'steps | epochs'})")
+    for k in ("batch_size", "steps", "micro_batch_size", "seq_len"):
+        v = ph.get(k, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"Invalid phases[{i}] {k}: {v!r} (allowed: an integer >= 1)")
+    if not (ph["lr"] > 0 and math.isfinite(ph["lr"])):
+        raise ValueError(f"Invalid phases[{i}] lr: {ph['lr']!r} (allowed: a finite number > 0)")
+    if "epochs" in ph and not ph["epochs"] > 0:
+        raise ValueError(f"Invalid phases[{i}] epochs: {ph['epochs']!r} (allowed: > 0)")
+
+
+@dataclass(frozen=True)
+class PlannedPhase:
+    phase: schedules.Phase
+    micro_batch_size: int
+    train_size: int        # training samples at this phase's sequence length
+    start: int             # its first global step
+    samples_before: int    # samples seen in earlier phases
+
+
+def plan_phases(cfg: TrainConfig, task) -> list[PlannedPhase]:
+    """The run as phases; a plain config is one phase. Leaves the task at its own sequence length."""
+    if not cfg.phases:
+        n = task.train_size
+        steps = cfg.steps or schedules.steps_for_epochs(cfg.epochs, n, cfg.batch_size)
+        ph = schedules.Phase(steps=steps, batch_size=cfg.batch_size, peak_lr=cfg.lr,
+                             warmup_steps=min(cfg.warmup_steps, steps), power=cfg.power, end_lr=cfg.end_lr)
+        return [PlannedPhase(ph, cfg.micro_batch_size, n, 0, 0)]
+    out, start, samples = [], 0, 0
+    for i, d in enumerate(cfg.phases):
+        n = task.set_train_seq_len(d.get("seq_len"))
+        steps = d.get("steps") or schedules.steps_for_epochs(d["epochs"], n, d["batch_size"])
+        ph = schedules.Phase(steps=steps, batch_size=d["batch_size"], peak_lr=d["lr"],
+                             warmup_steps=min(d["warmup_steps"], steps), seq_len=d.get("seq_len"),
+                             power=d.get("power", cfg.power), end_lr=d.get("end_lr", cfg.end_lr),
+                             optimizer_state=d.get("optimizer_state", "keep"))
+        out.append(PlannedPhase(ph, min(d.get("micro_batch_size", cfg.micro_batch_size), d["batch_size"]), n,
+                                start, samples))
+        start, samples = start + steps, samples + steps * d["batch_size"]
+    task.set_train_seq_len(None)
+    return out
+
+
+def phase_of(plan: list[PlannedPhase], step: int) -> int:
+    return max(i for i, p in enumerate(plan) if p.start <= step)
 
 
 MAX_CONSECUTIVE_SKIPS = 10
 #: settings that decide the trajectory: a resumed run must have the checkpoint's values to be bit-exact
 #: (micro_batch_size included: the MLM masks are drawn per micro-batch)
 TRAJECTORY_FIELDS = ("task", "task_options", "optimizer", "optimizer_options", "batch_size", "micro_batch_size",
-                     "lr", "warmup_steps", "epochs", "steps", "schedule", "power", "end_lr", "seed", "precision")
+                     "lr", "warmup_steps", "epochs", "steps", "schedule", "power", "end_lr", "seed", "precision", "phases")
 
 
 def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: str) -> None:
@@ -105,11 +173,17 @@ def sample_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> 
     pos = start
     while pos < stop:
         epoch, offset = divmod(pos, dataset_size)
-        perm = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        perm = _epoch_permutation(dataset_size, seed, epoch)
         take = min(stop - pos, dataset_size - offset)
         out.append(perm[offset:offset + take])
         pos += take
     return torch.cat(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(dataset_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch (cached: at small batches drawing it every step cost ~5% of the step)."""
+    return torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -182,8 +256,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
             task = build_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     model = prepare_model(task.model, cfg.precision)
     model.train()
-    n = task.train_size
-    total_steps = cfg.steps or schedules.steps_for_epochs(cfg.epochs, n, cfg.batch_size)
+    plan = plan_phases(cfg, task)
+    total_steps = plan[-1].start + plan[-1].phase.steps
     start_step, skipped = 0, 0
     train_model = D.wrap_model(model, ctx, cfg.strategy)
     # after wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
@@ -203,14 +277,18 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         log = JsonlLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
         trust_log = JsonlLog(out / "trust.jsonl", start_step if ckpt is not None else None)
-    per_rank = math.ceil(cfg.batch_size / ctx.world_size)
-    accum = math.ceil(per_rank / cfg.micro_batch_size)
     if ctx.is_main:
-        print(f"{task.describe()}\noptimizer {cfg.optimizer} ({type(optimizer).__name__}), global effective batch "
-              f"{cfg.batch_size} = micro-batch {cfg.micro_batch_size} × {accum} accumulation steps × "
-              f"{ctx.world_size} process(es); {total_steps} steps ({total_steps * cfg.batch_size / n:.2f} epochs), "
-              f"peak LR {cfg.lr:g}, warmup {min(cfg.warmup_steps, total_steps)} steps, precision {cfg.precision}"
+        print(f"{task.describe()}\noptimizer {cfg.optimizer} ({type(optimizer).__name__}), precision "
+              f"{cfg.precision}, {total_steps} steps" + (f" in {len(plan)} phases" if cfg.phases else "")
               + (f"; resumed at step {start_step} from {ckpt['path']}" if ckpt else ""), flush=True)
+        for i, p in enumerate(plan):
+            accum = math.ceil(math.ceil(p.phase.batch_size / ctx.world_size) / p.micro_batch_size)
+            print(("  " + (f"phase {i + 1}: " if cfg.phases else "") + f"global effective batch {p.phase.batch_size} = "
+                   f"micro-batch {p.micro_batch_size} × {accum} accumulation steps × {ctx.world_size} process(es); "
+                   f"{p.phase.steps} steps ({p.phase.steps * p.phase.batch_size / p.train_size:.2f} epochs"
+                   + (f" of {p.phase.seq_len}-token sequences" if p.phase.seq_len else "") + "), peak LR "
+                   f"{p.phase.peak_lr:g}, warmup {p.phase.warmup_steps} steps"
+                   + (f", optimizer state: {p.phase.optimizer_state}" if i else "")), flush=True)
 
     bar = None
     if cfg.progress and ctx.is_main:
@@ -219,12 +297,24 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
     t_last = time.perf_counter()
     record: dict[str, Any] = {}
     consecutive_skips = 0
-    scheduled_lr = schedules.ScheduledLR(optimizer, lambda t: lr_at(cfg, t, total_steps))
+    phases = [p.phase for p in plan]
+    lr_fn = (lambda t: schedules.multi_phase_lr(phases, t)) if cfg.phases else (lambda t: lr_at(cfg, t, total_steps))
+    scheduled_lr = schedules.ScheduledLR(optimizer, lr_fn)
+    current = None
     for step in range(start_step, total_steps):
+        pi = phase_of(plan, step)
+        phase, local = plan[pi], step - plan[pi].start
+        if cfg.phases and pi != current:
+            task.set_train_seq_len(phase.phase.seq_len)
+        current = pi
+        if pi > 0 and local == 0:  # a phase boundary: the phase's optimizer-state policy (a pure function
+            schedules.reset_optimizer_state(optimizer, phase.phase.optimizer_state)  # of the step: resumable)
         lr = scheduled_lr.apply(step)
-        indices = D.rank_slice(sample_indices(step, cfg.batch_size, n, cfg.seed), ctx)
+        batch_size = phase.phase.batch_size
+        # phase 0 draws exactly the samples of a single-phase run; later phases their own permutations
+        indices = D.rank_slice(sample_indices(local, batch_size, phase.train_size, cfg.seed + 7_919 * pi), ctx)
         micro = [task.batch(idx, step_generator(cfg.seed, step, i + ctx.rank * 10_000))
-                 for i, idx in enumerate(split_indices(indices, cfg.micro_batch_size))]
+                 for i, idx in enumerate(split_indices(indices, phase.micro_batch_size))]
         (total,) = D.all_reduce_sum([float(sum(task.count(b) for b in micro))], ctx)
         local_loss, _ = accumulate_gradients(train_model, micro, task.loss, count_fn=task.count, no_sync=no_sync,
                                              autocast=amp, total=int(total), scale=float(ctx.world_size),
@@ -246,9 +336,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
             scaler.update()  # lowers the scale after an overflow, raises it after a quiet stretch
         optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
-        record = {"step": step + 1, "samples": (step + 1) * cfg.batch_size, "lr": lr, "loss": loss,
-                  "count": count, "samples_per_s": cfg.batch_size / max(now - t_last, 1e-9),
-                  "skipped_steps": skipped}
+        record = {"step": step + 1, "samples": phase.samples_before + (local + 1) * batch_size, "lr": lr,
+                  "loss": loss, "count": count, "samples_per_s": batch_size / max(now - t_last, 1e-9),
+                  "skipped_steps": skipped, **({"phase": pi + 1} if cfg.phases else {})}
         t_last = now
         is_last = step + 1 == total_steps
         if cfg.log_every and ((step + 1) % cfg.log_every == 0 or is_last):
@@ -271,14 +361,15 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
         if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or is_last:
             model_state, optim_state = D.full_state(model, optimizer)  # collective under FSDP2
             if ctx.is_main:
-                epoch, offset = divmod((step + 1) * cfg.batch_size, n)
+                epoch, offset = divmod((local + 1) * batch_size, phase.train_size)
                 # step alone determines what comes next (data order, masks and LR are functions of it);
                 # the data position and LR are stored to make the file self-describing
                 save_checkpoint({"step": step + 1, "model": model_state, "optimizer": optim_state,
                                  "rng": rng_state(), "skipped_steps": skipped,
-                                 "data_position": {"epoch": epoch, "sample_in_epoch": offset, "seed": cfg.seed},
-                                 "schedule": {"lr": lr, "next_lr": lr_at(cfg, step + 1, total_steps),
-                                              "total_steps": total_steps},
+                                 "data_position": {"phase": pi, "epoch": epoch, "sample_in_epoch": offset,
+                                                   "seed": cfg.seed + 7_919 * pi},
+                                 "schedule": {"lr": lr, "next_lr": lr_fn(step + 1), "total_steps": total_steps,
+                                              "phase": pi},
                                  **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
                                  "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
                                 out, step + 1, keep=cfg.keep_checkpoints)
@@ -291,6 +382,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
             break
     if bar is not None:
         bar.close()
+    if cfg.phases:
+        task.set_train_seq_len(None)
     final = {f"test_{k}": v for k, v in task.evaluate(model, "test").items()}
     summary = {"task": cfg.task, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "lr": cfg.lr,
                "world_size": ctx.world_size, "steps": record.get("step", start_step), "total_steps": total_steps,
