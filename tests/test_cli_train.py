@@ -78,3 +78,20 @@ def test_resume_with_other_settings_exits_2(tmp_path):
     assert _cli("train", *opts, env=env).returncode == 0
     proc = _cli("train", *opts, "--lr", "0.5", "--resume", str(run), env=env)
     assert proc.returncode == 2 and "cannot resume" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_two_phase_example_config_and_a_bad_phase(tmp_path):
+    import argparse
+    from pathlib import Path
+
+    from largebatch.cli import train as cli_train
+
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    example = Path(__file__).parent.parent / "examples" / "two_phase_mlm.yaml"
+    cfg = cli_train.build_config(parser.parse_args(["--config", str(example)]))
+    assert [p["seq_len"] for p in cfg.phases] == [32, 64] and cfg.phases[1]["optimizer_state"] == "reset_step"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("phases:\n  - {batch_size: 64, lr: 0.01, warmup_steps: 5, steps: 10, seqlen: 32}\n")
+    proc = _cli("train", "--config", str(bad))
+    assert proc.returncode == 2 and "Invalid phases[0] key(s): seqlen" in proc.stderr.strip().splitlines()[-1]

@@ -67,7 +67,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Invalid {name}: {v!r} (allowed: an integer >= 1)")
-        if self.micro_batch_size > self.batch_size:
+        if self.micro_batch_size > self.batch_size and not self.phases:
             raise ValueError(f"Invalid micro_batch_size: {self.micro_batch_size} (allowed: <= batch_size = {self.batch_size})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"Invalid lr: {self.lr!r} (allowed: a finite number > 0)")
