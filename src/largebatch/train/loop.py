@@ -385,7 +385,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
     if cfg.phases:
         task.set_train_seq_len(None)
     final = {f"test_{k}": v for k, v in task.evaluate(model, "test").items()}
-    summary = {"task": cfg.task, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "lr": cfg.lr,
+    last = plan[-1].phase  # a multi-phase run is summarised by its last phase's batch and peak LR
+    summary = {"task": cfg.task, "optimizer": cfg.optimizer, "batch_size": last.batch_size, "lr": last.peak_lr,
                "world_size": ctx.world_size, "steps": record.get("step", start_step), "total_steps": total_steps,
                "final_loss": record.get("loss"), "diverged": bool(record.get("diverged")), "skipped_steps": skipped,
                **{k: v for k, v in record.items() if k.startswith(cfg.eval_split)}, **final}
