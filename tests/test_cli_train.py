@@ -95,3 +95,35 @@ def test_two_phase_example_config_and_a_bad_phase(tmp_path):
     bad.write_text("phases:\n  - {batch_size: 64, lr: 0.01, warmup_steps: 5, steps: 10, seqlen: 32}\n")
     proc = _cli("train", "--config", str(bad))
     assert proc.returncode == 2 and "Invalid phases[0] key(s): seqlen" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_tensorboard_scalars_and_a_clear_error_without_the_package(tmp_path, monkeypatch):
+    import builtins
+
+    from largebatch.train.loop import TrainConfig, train
+
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path / "cache"))
+    pytest.importorskip("tensorboard", reason="installed by the test extra: pip install -e '.[test]'")
+    cfg = TrainConfig(task="mlm", batch_size=16, micro_batch_size=16, steps=2, warmup_steps=1, progress=False,
+                      plot=False, tensorboard=True, out=str(tmp_path / "run"), threads=1,
+                      task_options=dict(vocab_size=512, seq_len=32, hidden=32, layers=1, heads=2, intermediate=64,
+                                        limit_train_sequences=64, max_eval_sequences=32))
+    train(cfg)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "validation_accuracy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ImportError, match=r"pip install 'largebatch\[tensorboard\]'"):
+        train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "other")}))
+    assert not (tmp_path / "other").exists()  # nothing started

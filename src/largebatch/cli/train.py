@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML or JSON file with any of the options above")
     p.add_argument("--resume", help="checkpoint file or run directory to continue from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log the metrics to <out>/tensorboard (needs: pip install 'largebatch[tensorboard]')")
 
 
 def _parse_kv(items: list[str], what: str) -> dict:
@@ -95,6 +97,8 @@ def build_config(args: argparse.Namespace):
     values["task_options"] = {**values.get("task_options", {}), **_parse_kv(args.task_opt, "--task-opt")}
     if args.no_progress:
         values["progress"] = False
+    if args.tensorboard:
+        values["tensorboard"] = True
     return TrainConfig(**values)
 
 
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     keep_freed_memory()
     try:
         summary = train(cfg, resume=args.resume)
-    except (DataMissingError, CheckpointError) as exc:
+    except (DataMissingError, CheckpointError, ImportError) as exc:
         print(f"largebatch train: error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as exc:  # invalid optimizer flags and the like

@@ -61,6 +61,7 @@ class TrainConfig:
     phases: list[dict[str, Any]] | None = None
     progress: bool = True
     plot: bool = True
+    tensorboard: bool = False        # also write the metrics as TensorBoard scalars to <out>/tensorboard
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size"):
@@ -216,6 +217,20 @@ def _trust_ratios(optimizer) -> dict[str, float]:
     return {name: v["trust_ratio"] for name, v in telemetry().items()} if telemetry is not None else {}
 
 
+def tensorboard_writer_class():
+    """TensorBoard's ``SummaryWriter``, or an ImportError that names the install command."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError("TensorBoard logging needs the tensorboard package: pip install 'largebatch[tensorboard]' "
+                          f"(or pip install tensorboard); {exc}") from None
+    return SummaryWriter
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class JsonlLog:
     """metrics.jsonl of a run; on resume, records after the checkpoint's step are dropped first."""
 
@@ -243,6 +258,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    writer_cls = tensorboard_writer_class() if cfg.tensorboard else None  # fail before any work, on every rank
     ctx = D.init_from_env()
     out = Path(cfg.out)
     if ctx.is_main:
@@ -277,6 +293,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         log = JsonlLog(out / "metrics.jsonl", start_step if ckpt is not None else None)
         trust_log = JsonlLog(out / "trust.jsonl", start_step if ckpt is not None else None)
+    tb = writer_cls(str(out / "tensorboard")) if writer_cls is not None and ctx.is_main else None
     if ctx.is_main:
         print(f"{task.describe()}\noptimizer {cfg.optimizer} ({type(optimizer).__name__}), precision "
               f"{cfg.precision}, {total_steps} steps" + (f" in {len(plan)} phases" if cfg.phases else "")
@@ -351,6 +368,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
             record["diverged"] = True
         if log is not None:
             log.write(record)
+            if tb is not None:
+                for k, v in _scalars(record).items():
+                    tb.add_scalar(k, v, step + 1)
             if cfg.trust_every and ((step + 1) % cfg.trust_every == 0 or is_last or step == 0):
                 trust = _trust_ratios(optimizer)
                 if trust:
@@ -382,6 +402,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task=None,
             break
     if bar is not None:
         bar.close()
+    if tb is not None:
+        tb.close()
     if cfg.phases:
         task.set_train_seq_len(None)
     final = {f"test_{k}": v for k, v in task.evaluate(model, "test").items()}
