@@ -1,0 +1,269 @@
+"""The study report builder on synthetic study directories (no training): verdicts, sweep notes, two-phase and
+finetune sections, plots, results.json, and the errors of `largebatch report`."""
+import json
+import math
+
+import pytest
+
+from largebatch.study import report as R
+from largebatch.study.suites import Suite
+
+MLM = Suite("synthetic-mlm", "mlm", batches=(16, 64, 256), epochs=1.0, warmup_steps=2, micro_batch_size=256,
+            lr_grids={"lamb": (1e-3, 3e-3), "adamw": (1e-3, 3e-3), "lars": (1e-3, 3e-3)}, target=0.5,
+            description="synthetic")
+IMG = Suite("synthetic-img", "image", batches=(16, 256), epochs=1.0, warmup_steps=2, micro_batch_size=256,
+            lr_grids={"lamb": (1e-3,), "sgd": (1e-2,)}, target=0.5, description="synthetic images")
+FT = Suite("synthetic-ft", "classify", batches=(32,), epochs=1.0, warmup_steps=1, micro_batch_size=32,
+           lr_grids={"adamw": (1e-3,)}, source="synthetic-mlm", description="synthetic finetune")
+
+TENSORS = ["emb.weight", "layer.0.dense.weight", "layer.1.dense.weight", "head.weight",
+           "emb.norm.weight", "layer.0.dense.bias", "layer.1.dense.bias", "head.bias"]
+
+
+def write_run(study, name, *, optimizer, batch, lr=1e-3, seed=0, kind="ladder", acc=0.6, steps=8, sps=100.0,
+              val_loss=2.0, diverged=False, trust=False, phases=None, extra=None, final_val=None):
+    d = study / "runs" / name
+    d.mkdir(parents=True)
+    lines, samples = [], 0
+    for s in range(1, steps + 1):
+        pb = batch
+        rec = {"step": s, "lr": lr, "loss": 3.0 - s / steps, "count": pb, "skipped_steps": 0}
+        if phases:
+            pi = 0 if s <= phases[0]["steps"] else 1
+            pb = phases[pi]["batch_size"]
+            rec["phase"] = pi + 1
+        samples += pb
+        rec.update(samples=samples, samples_per_s=sps)
+        if s % 2 == 0 or s == steps:
+            rec["validation_accuracy"] = (final_val if final_val is not None else acc) * s / steps
+            rec["validation_loss"] = val_loss + (steps - s) / steps
+        lines.append(json.dumps(rec))
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if trust:
+        (d / "trust.jsonl").write_text("".join(
+            json.dumps({"step": s, "trust_ratio": {t: 0.01 * (i + 1) * s for i, t in enumerate(TENSORS)}}) + "\n"
+            for s in range(1, steps + 1)))
+    (d / "config.json").write_text(json.dumps({"batch_size": batch, "lr": lr, "warmup_steps": 2, "epochs": 1.0}))
+    summary = {"task": "mlm", "optimizer": optimizer, "batch_size": batch, "lr": lr, "seed": seed, "kind": kind,
+               "total_steps": steps, "diverged": diverged, "final_loss": 2.0,
+               "validation_loss": float("nan") if diverged else val_loss,
+               "test_accuracy": float("nan") if diverged else acc, "test_loss": 2.0, "test_unigram_accuracy": 0.1,
+               "run": name, **(extra or {})}
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+def ladder(study, optimizer, accs: dict, *, trust=False, lr0=1e-3):
+    """accs: batch -> list of test accuracies (one per seed); a None entry is a diverged run."""
+    for b, vals in accs.items():
+        for seed, a in enumerate(vals):
+            write_run(study, f"{optimizer}-b{b}-s{seed}", optimizer=optimizer, batch=b, lr=lr0 * math.sqrt(b / 16),
+                      seed=seed, acc=a if a is not None else 0.0, diverged=a is None, trust=trust,
+                      steps=max(2, 64 // (b // 16)))
+
+
+def sweep(study, optimizer, losses: dict):
+    for lr, v in losses.items():
+        write_run(study, f"{optimizer}-sweep-lr{lr}", optimizer=optimizer, batch=16, lr=lr, kind="sweep",
+                  val_loss=v if v is not None else 1.0, diverged=v is None)
+
+
+def no_nan(text):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in results.json"))
+
+
+def claims_of(study_dir):
+    return {c["optimizer"]: c["status"] for c in json.loads((study_dir / "results.json").read_text())["claims"]}
+
+
+def test_lamb_holds_adamw_degrades_lars_diverges(tmp_path):
+    ladder(tmp_path, "lamb", {16: [0.60, 0.61], 64: [0.60, 0.61], 256: [0.60, 0.605, 0.595]}, trust=True)
+    ladder(tmp_path, "adamw", {16: [0.60, 0.61], 64: [0.58, 0.59], 256: [0.50, 0.51, 0.52]})
+    ladder(tmp_path, "lars", {16: [0.60, 0.61], 64: [0.55, 0.56], 256: [None, 0.30, None]}, trust=True)
+    sweep(tmp_path, "lamb", {3e-4: 2.5, 3e-3: 2.2})
+    (tmp_path / "study.json").write_text(json.dumps({"suite": MLM.name, "base_lr": {"lamb": 1e-3, "adamw": 1e-3,
+                                                                                   "lars": 1e-3}}))
+    md = R.build_report(tmp_path, MLM).read_text()
+    assert claims_of(tmp_path) == {"lamb": "held", "adamw": "held", "lars": "held"}
+    results = no_nan((tmp_path / "results.json").read_text())
+    assert results["table"]["lars"]["256"]["diverged"] == 2 and results["table"]["lars"]["256"]["n"] == 3
+    assert results["table"]["adamw"]["256"]["mean"] == pytest.approx(0.51)
+    assert results["table"]["adamw"]["256"]["spread"] == pytest.approx(0.01)
+    cmp = results["comparison_at_largest"]
+    assert [r["optimizer"] for r in cmp["ranking"]][:2] == ["lamb", "adamw"]
+    assert cmp["vs_ref"]["adamw"]["status"] == "below"
+    assert "- **adamw**: degraded over 16× the batch" in md and "- **lamb**: kept its quality" in md
+    assert "2 diverged" in md and "Did the paper's claim hold here?" in md and "| lamb |" in md
+    assert "Unigram baseline" in md and "0.1000" in md
+    # headers: commands and compute time (Σ batch / samples_per_s = Σ samples / 100 samples/s)
+    assert f"largebatch study {MLM.name} --out {tmp_path}" in md and f"largebatch report {tmp_path}" in md
+    total_samples = sum(R.load_metrics(r["dir"])["last_samples"] for r in R._runs(tmp_path))
+    assert results["header"]["compute_hours"] == pytest.approx(total_samples / 100 / 3600)
+    assert results["header"]["versions"]["torch"]
+
+
+def test_within_spread_is_inconclusive_and_one_seed_is_inconclusive(tmp_path):
+    ladder(tmp_path, "lamb", {16: [0.60], 256: [0.55]})
+    ladder(tmp_path, "adamw", {16: [0.60, 0.64], 256: [0.59, 0.61]})
+    R.build_report(tmp_path, MLM)
+    claims = claims_of(tmp_path)
+    assert claims["adamw"] == "inconclusive"  # drop 0.02 within the spread ±0.03
+    assert claims["lamb"] == "inconclusive"   # one seed at each end: no spread to judge against
+    assert claims["lars"] == "not measured"
+    table = R.build_table(R._runs(tmp_path), "accuracy", None)
+    assert "within the seed spread" in R.verdicts(table, "accuracy")[0 if list(table)[0] == "adamw" else 1]
+
+
+def test_claim_rules_directly():
+    def cell(vals, diverged=0):
+        m, s = R._mean_spread(vals)
+        return {"mean": m, "spread": s, "n": len(vals), "diverged": diverged, "unigram": None}
+
+    table = {"lamb": {16: cell([0.6, 0.62]), 256: cell([0.5, 0.51])},       # drop 0.105 > 0.015: did not hold
+             "adamw": {16: cell([0.5, 0.51]), 256: cell([0.6, 0.61])}}      # rose beyond spread: did not hold
+    claims = {c["optimizer"]: c for c in R.claim_summary(table, "image", "accuracy", ladder=(16, 256, 1024))}
+    assert claims["lamb"]["status"] == "did not hold" and claims["adamw"]["status"] == "did not hold"
+    assert "ladder incomplete" in claims["lamb"]["text"]
+    assert "lars" not in claims  # the LARS part is only about the attention model (MLM)
+    flat = {"lamb": {16: cell([0.10, 0.11]), 256: cell([0.10, 0.10])}}
+    assert R.claim_summary(flat, "mlm", "accuracy", unigram=0.12)[0]["status"] == "inconclusive"  # at the unigram level
+    assert R.claim_summary(flat, "mlm", "accuracy", unigram=0.05)[0]["status"] == "held"
+    table["lamb"][256] = cell([float("nan")], diverged=1)
+    assert R.claim_summary(table, "mlm", "accuracy")[0]["status"] == "did not hold"
+
+
+def test_sweep_notes_near_tie_edge_and_divergence(tmp_path):
+    pts = [{"lr": 1e-3, "validation_loss": 2.00, "diverged": False},
+           {"lr": 3e-3, "validation_loss": 2.03, "diverged": False},
+           {"lr": 1e-2, "validation_loss": None, "diverged": True}]
+    notes = " | ".join(R.sweep_notes(pts, 1e-3))
+    assert "near-tie between 0.001 and 0.003" in notes
+    assert "grid edge (the lowest LR tried)" in notes
+    assert "diverged / non-finite at LR 0.01" in notes
+    clear = R.sweep_notes([{"lr": 1e-3, "validation_loss": 3.0, "diverged": False},
+                           {"lr": 3e-3, "validation_loss": 2.0, "diverged": False},
+                           {"lr": 1e-2, "validation_loss": 2.5, "diverged": False}], 3e-3)
+    assert not any("edge" in n or "near-tie" in n for n in clear) and "clear optimum" in clear[0]
+    # from files: the chosen LR's run is relabelled "ladder" by the runner and still belongs to the sweep
+    sweep(tmp_path, "adamw", {1e-3: 2.5, 1e-2: None})
+    write_run(tmp_path, "adamw-b16-lr0.003-s0", optimizer="adamw", batch=16, lr=3e-3, val_loss=2.0)
+    s = R.sweep_table(R._runs(tmp_path), None, 16)["adamw"]
+    assert [p["lr"] for p in s["points"]] == [1e-3, 3e-3, 1e-2]
+    assert s["chosen"] == 3e-3 and s["provisional"]
+    md = "\n".join(R.md_sweep({"adamw": s}))
+    assert "**0.003 → 2.0000**" in md and "0.01 → ✗ diverged" in md and "provisional" in md
+
+
+def test_two_phase_section(tmp_path):
+    ladder(tmp_path, "lamb", {16: [0.6], 64: [0.6, 0.6]}, trust=True)
+    phases = [dict(batch_size=64, seq_len=16, lr=0.02, warmup_steps=2, epochs=0.9, steps=4),
+              dict(batch_size=32, seq_len=32, lr=0.014, warmup_steps=1, epochs=0.1, optimizer_state="reset_step",
+                   steps=2)]
+    for seed, (a, b) in enumerate([(0.50, 0.40), (0.52, 0.42)]):
+        write_run(tmp_path, f"two-phase-s{seed}", optimizer="lamb", batch=32, kind="two-phase", seed=seed, acc=a,
+                  steps=6, phases=phases, trust=True, extra={"seq_len": 32, "phases": phases})
+        write_run(tmp_path, f"twin-s{seed}", optimizer="lamb", batch=32, kind="two-phase-twin", seed=seed, acc=b,
+                  steps=10, trust=True, extra={"seq_len": 32})
+    tp = R.two_phase_table(R._runs(tmp_path))
+    a, b = tp["two-phase"], tp["two-phase-twin"]
+    assert a["n"] == b["n"] == 2 and a["steps"] == 6 and b["steps"] == 10
+    assert a["accuracy_mean"] == pytest.approx(0.51) and a["accuracy_spread"] == pytest.approx(0.01)
+    assert a["samples"] == 4 * 64 + 2 * 32 and a["tokens"] == 4 * 64 * 16 + 2 * 32 * 32
+    assert b["tokens"] == 10 * 32 * 32 and a["phase_starts"] == [(1, 1), (5, 2)]
+    assert "beat its single-phase twin" in R.two_phase_comparison(tp) and "(0.60×)" in R.two_phase_comparison(tp)
+    md = R.build_report(tmp_path, MLM).read_text()
+    assert "phase 2: batch 32, sequence length 32, LR 0.014, warmup 1, 0.1 epochs, optimizer state: reset_step" in md
+    assert "single-phase twin, single phase: batch 32, sequence length 32" in md
+    assert (tmp_path / "two_phase.png").stat().st_size > 5_000
+
+
+def test_all_plots_written_and_results_hold_the_report(tmp_path):
+    ladder(tmp_path, "lamb", {16: [0.6, 0.61], 64: [0.6], 256: [0.6, 0.6]}, trust=True)
+    ladder(tmp_path, "adamw", {16: [0.6, 0.61], 64: [0.55], 256: [0.5, 0.5]})
+    sweep(tmp_path, "lamb", {3e-4: 2.5, 3e-3: 2.2})
+    sweep(tmp_path, "adamw", {3e-4: 2.5, 3e-3: 2.2})
+    md = R.build_report(tmp_path, MLM).read_text()
+    expected = ["metric_vs_batch.png", "loss_curves.png", "validation_curves.png", "lr_sweep.png",
+                "steps_to_target.png", "trust_ratios.png", "trust_layers.png"]
+    results = no_nan((tmp_path / "results.json").read_text())
+    assert results["files"] == expected
+    for png in expected:
+        assert (tmp_path / png).stat().st_size > 5_000, png
+        assert f"]({png})" in md
+    assert set(results["table"]["lamb"]) == {"16", "64", "256"}
+    st = results["steps_to_target"]["lamb"]
+    # batch 16: 64 steps, the target 0.5 first reached at the evaluation of step 54 (both seeds); batch 256:
+    # 4 steps, reached at step 4 -> efficiency (54 × 16 / 256) / 4
+    assert st["16"]["reached"] == 2 and st["16"]["median_steps"] == 54 and st["256"]["median_steps"] == 4
+    assert st["256"]["efficiency"] == pytest.approx(54 * 16 / 256 / 4)
+    assert results["sweep"]["lamb"]["provisional"] and results["base_lr"] is None
+    assert "provisional" in md and "Steps to the validation target" in md and "| lamb |" in md
+
+
+def test_precise_bn_table_for_images(tmp_path):
+    for opt, accs in {"lamb": {16: [0.9, 0.91], 256: [0.88, 0.9]}, "sgd": {16: [0.9, 0.9], 256: [0.7, 0.72]}}.items():
+        for b, vals in accs.items():
+            for seed, a in enumerate(vals):
+                write_run(tmp_path, f"{opt}-b{b}-s{seed}", optimizer=opt, batch=b, seed=seed, acc=a,
+                          extra={"task": "image", "test_precise_bn_accuracy": a + 0.01, "test_precise_bn_loss": 0.3,
+                                 "test_unigram_accuracy": None})
+    md = R.build_report(tmp_path, IMG).read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["precise_bn_table"]["sgd"]["256"]["mean"] == pytest.approx(0.72)
+    assert "with precise BN" in md and "not tested by this suite" in md and "Unigram" not in md
+    assert claims_of(tmp_path)["lamb"] == "held"
+
+
+def test_finetune_report(tmp_path):
+    for opt, rows in {"lamb": {16: [0.80, 0.82], 1024: [0.79]}, "adamw": {16: [0.80], 1024: [0.60, 0.62]}}.items():
+        for b, vals in rows.items():
+            for seed, a in enumerate(vals):
+                write_run(tmp_path, f"ft-{opt}-b{b}-s{seed}", optimizer="adamw", batch=32, kind="finetune", acc=a,
+                          extra={"pretrain_optimizer": opt, "pretrain_batch": b, "pretrain_seed": seed,
+                                 "pretrain_test_accuracy": 0.3, "test_macro_f1": a - 0.05})
+    md = R.build_report(tmp_path, FT).read_text()
+    assert "| lamb | 1024 | 0.7900 ± 0.0000 | 0.7400 ± 0.0000 | 0.3000 ± 0.0000 | 1 |" in md
+    assert "| adamw | 1024 | 0.6100 ± 0.0100 | 0.5600 ± 0.0100 | 0.3000 ± 0.0000 | 2 |" in md
+    assert "- **adamw**: degraded over 64× the batch" in md
+    assert (tmp_path / "finetune_vs_batch.png").stat().st_size > 5_000
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["table"]["lamb"]["16"]["mean"] == pytest.approx(0.81)
+    assert f"largebatch report {tmp_path}" in md
+
+
+def test_model_order_places_no_decay_tensors_after_their_weights():
+    order = R.model_order(["stem.0.weight", "stages.0.conv1.weight", "stages.0.conv2.weight", "head.weight",
+                           "stem.1.weight", "stem.1.bias", "stages.0.bn1.weight", "head.bias"])
+    assert order[0] == "stem.0.weight" and order[-1] == "head.bias"
+    assert order.index("stem.1.weight") < order.index("stages.0.conv1.weight")
+    assert order.index("stages.0.bn1.weight") < order.index("head.weight")
+
+
+def test_partial_metrics_and_errors(tmp_path, capsys):
+    from largebatch.cli.main import main
+
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "runs")):
+        R.build_report(tmp_path, MLM)
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished runs under" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    # a run still in progress: counted apart, a half-written last line ignored
+    ladder(tmp_path, "lamb", {16: [0.6]})
+    d = tmp_path / "runs" / "lamb-b64-s0"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "samples": 64, "loss": 3.0, "samples_per_s": 64.0})
+                                     + "\n{\"step\": 2, \"sam")
+    md = R.build_report(tmp_path, MLM).read_text()
+    assert "study still running" in md and "lamb-b64-s0" in md and "not measured yet" in md
+    assert R.load_metrics(d)["compute_s"] == pytest.approx(1.0)
+
+
+def test_cli_suite_option_for_a_directory_without_study_json(tmp_path, capsys):
+    from largebatch.cli.main import main
+
+    study = tmp_path / "somewhere"
+    write_run(study, "lamb-b16-s0", optimizer="lamb", batch=16, extra={"task": "image"})
+    assert main(["report", str(study), "--suite", "nope"]) == 2
+    assert "Invalid suite" in capsys.readouterr().err
+    assert main(["report", str(study), "--suite", "image-scaling"]) == 0
+    assert "Study `image-scaling`" in capsys.readouterr().out
