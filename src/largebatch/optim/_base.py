@@ -307,6 +307,8 @@ class TrustRatioOptimizer(Optimizer):
 
     @staticmethod
     def _kernel_eligible(group: dict[str, Any], params: list[Tensor], *others: list[Tensor]) -> bool:
+        """Contiguous CPU tensors of one float32/float64 dtype, no master weights. The caller has already
+        ruled out sharded (DTensor) parameters. One plain loop: it runs over every tensor every step."""
         if not params or group["master_weights"]:
             return False
         dtype = params[0].dtype
@@ -314,8 +316,7 @@ class TrustRatioOptimizer(Optimizer):
             return False
         for ts in (params, *others):
             for t in ts:
-                if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() \
-                        or getattr(t, "placements", None) is not None:
+                if not t.is_cpu or t.dtype != dtype or not t.is_contiguous():
                     return False
         return True
 
@@ -325,10 +326,13 @@ class TrustRatioOptimizer(Optimizer):
         Returns (indices, params, xs, grads, states); ``xs`` are the tensors the update is written to.
         """
         indices, params, xs, grads, states = [], [], [], [], []
+        plain = (torch.Tensor, torch.nn.Parameter)  # fast path: no DTensor unwrapping to try
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            grad = local_tensor(p.grad)
+            if type(grad) not in plain:
+                grad = local_tensor(grad)
             if grad.is_sparse:
                 raise TypeError(f"{type(self).__name__} does not support sparse gradients")
             state = self.state[p]
@@ -341,7 +345,7 @@ class TrustRatioOptimizer(Optimizer):
                 init_state(state.get("master_param", p.detach()), state)
             x = state.get("master_param")
             if x is None:
-                x = local_tensor(p)
+                x = p if type(p) in plain else local_tensor(p)
             else:
                 x = local_tensor(x)
                 if grad.dtype != x.dtype:
