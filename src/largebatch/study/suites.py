@@ -68,6 +68,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           task_options=dict(vocab_size=512, seq_len=32, hidden=32, layers=1, heads=2, intermediate=64,
                             limit_train_sequences=256, max_eval_sequences=64),
           seeds=1, seeds_largest=2, target=0.05, extend_grid=1, eval_points=3,
+          # (limit_train_sequences caps sequences, not tokens: here phase 1 sees half the tokens of the twin)
           two_phase=dict(optimizer="lamb", seeds=1, seq_len=32, twin_batch=32, phases=[
               dict(seq_len=16, batch_size=64, epochs=0.9, warmup_steps=2),
               dict(seq_len=32, batch_size=32, epochs=0.1, warmup_steps=1, optimizer_state="reset_step")]),
