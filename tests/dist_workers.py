@@ -48,24 +48,28 @@ def fsdp_vs_unsharded(rank: int, world: int, port: int, out: str, per_slice: boo
         fully_shard(sharded, mesh=mesh)
         opt = cls(largebatch.param_groups(sharded), **kw)
         ref_opt = cls(largebatch.param_groups(ref), **kw)
-        gen = torch.Generator().manual_seed(1)
-        worst = 0.0
-        for _ in range(5):
-            x = torch.randn(8, 6, dtype=torch.float64, generator=gen)
-            sharded(x).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            ref(x).pow(2).mean().backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
-            for p, q in zip(sharded.parameters(), ref.parameters()):
-                worst = max(worst, (p.full_tensor() - q).abs().max().item())
-        diffs[name] = worst
+        diffs[name] = _lockstep_worst_diff(sharded, opt, ref, ref_opt, full=lambda p: p.full_tensor())
     if rank == 0:
         with open(out, "w") as f:
             json.dump(diffs, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _lockstep_worst_diff(model, opt, ref, ref_opt, *, full) -> float:
+    """5 steps of (model, opt) and (ref, ref_opt) on the same data (same on every rank); the largest
+    parameter difference seen, ``full(p)`` giving a parameter's whole tensor."""
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for _ in range(5):
+        x = torch.randn(8, 6, dtype=torch.float64, generator=gen)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            m(x).pow(2).mean().backward()
+            o.step()
+            o.zero_grad()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            worst = max(worst, (full(p) - q).abs().max().item())
+    return worst
 
 
 def zero_vs_unsharded(rank: int, world: int, port: int, out: str) -> None:
@@ -80,19 +84,7 @@ def zero_vs_unsharded(rank: int, world: int, port: int, out: str) -> None:
         model, ref = _model(), _model()
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kw)
         ref_opt = cls(ref.parameters(), **kw)
-        gen = torch.Generator().manual_seed(1)
-        worst = 0.0
-        for _ in range(5):
-            x = torch.randn(8, 6, dtype=torch.float64, generator=gen)  # same data on every rank
-            model(x).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            ref(x).pow(2).mean().backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
-            for p, q in zip(model.parameters(), ref.parameters()):
-                worst = max(worst, (p - q).abs().max().item())
-        diffs[name] = worst
+        diffs[name] = _lockstep_worst_diff(model, opt, ref, ref_opt, full=lambda p: p)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(diffs, f)
