@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .profile import markdown as profile_markdown
+
 
 def _fmt(v, spec):
     return "—" if v is None else format(v, spec)
@@ -29,7 +31,11 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {r['optimizer']} | {r['median_ms']:.1f} | {_fmt(r['iqr_ms'], '.1f')} | "
                          f"{r['ratio_to_fused_adamw']:.2f} | {r['ratio_to_bandwidth_floor']:.2f} | "
                          f"{_fmt(r['peak_extra_mib'], '.1f')} | {_fmt(r['peak_extra_vs_largest_tensor'], '.2f')} |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    prof = summary.get("profile") or {}
+    if prof.get("sets"):
+        text += profile_markdown(prof["sets"], prof.get("compute") or {}, env["bandwidth_gbs"])
+    return text
 
 
 def plot(summary: dict, out: Path) -> Path:

@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="writes results.json/.md and step_time.png")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the profile (our kernel's passes timed one at a time, and its arithmetic cost)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from largebatch.bench import peers, report, runner
+    from largebatch.bench import peers, profile, report, runner
     from largebatch.bench.shapes import SETS
 
     sets = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -62,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
                                    memory=not args.no_memory, progress=lambda: bar.update(1))
         summaries.append(runner.summarise(name, shapes, results, bandwidth))
     bar.close()
+    profiles, compute = {}, {}
+    if not args.no_profile:
+        for name in tqdm(sets, desc="profile", unit="set"):
+            profiles[name] = profile.profile_set(SETS[name](), repeats=args.steps)
+        compute = profile.compute_cost()
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "bandwidth_gbs": bandwidth, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
         "steps": args.steps, "warmup": args.warmup,
         "command": "largebatch bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
-    }, "sets": summaries}
+    }, "sets": summaries, "profile": {"sets": profiles, "compute": compute}}
     paths = report.write(summary, args.out)
     print(report.markdown(summary))
     print("wrote " + ", ".join(str(p) for p in paths))

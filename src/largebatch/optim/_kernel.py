@@ -174,7 +174,7 @@ def scratch_elements(numels: list[int], nthreads: int) -> int:
 
 
 def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper, scratch: Tensor | None,
-          phase: int, nthreads: int) -> Tensor:
+          phase: int, nthreads: int, ratios: Tensor | None = None) -> Tensor:
     lib = library()
     assert lib is not None
     n = len(xs)
@@ -186,6 +186,10 @@ def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper,
     if coefs is not None:
         coefs = coefs.to(torch.float64).contiguous()
     out = torch.empty((n, 3), dtype=torch.float64)
+    if phase == PHASE_APPLY:  # pass 2 alone reads each tensor's ratio from out[:, 2]
+        if ratios is None:
+            raise ValueError("phase APPLY needs the ratios")
+        out[:, 2] = ratios
     c_hyper = hyper.to_c()
     rc = getattr(lib, f"{name}_{suffix}")(
         n, px.data_ptr(), pg.data_ptr(), pm.data_ptr(), pv.data_ptr(), numel.data_ptr(),
@@ -197,21 +201,27 @@ def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper,
     return out
 
 
-def lamb_step(xs, gs, ms, vs, coefs: Tensor, trust: Tensor, hyper: LambHyper, scratch: Tensor) -> Tensor:
+def lamb_step(xs, gs, ms, vs, coefs: Tensor, trust: Tensor, hyper: LambHyper, scratch: Tensor, *,
+              phase: int = PHASE_FUSED, ratios: Tensor | None = None) -> Tensor:
     """One fused LAMB step over a list of tensors; returns [n, 3] float64 (‖x‖, ‖u‖, ratio).
 
-    ``scratch``: at least :func:`scratch_elements` elements of the tensors' dtype.
+    ``scratch``: at least :func:`scratch_elements` elements of the tensors' dtype. ``phase``
+    PHASE_NORMS runs pass 1 only (returns the squared norms, writes m, v), PHASE_APPLY pass 2 only with
+    the given ``ratios``: used by the benchmark's profile to time the passes one at a time (pass 2 then
+    reads the scratch the last tensor's pass 1 left, so only PHASE_FUSED is a correct step).
     """
     nthreads = torch.get_num_threads()
     need = scratch_elements([t.numel() for t in xs], nthreads)
     if scratch.numel() < need or scratch.dtype != xs[0].dtype:
         raise ValueError(f"scratch must hold {need} {xs[0].dtype} elements")
-    return _call("lb_lamb", xs, gs, ms, vs, coefs, trust, hyper, scratch, PHASE_FUSED, nthreads)
+    return _call("lb_lamb", xs, gs, ms, vs, coefs, trust, hyper, scratch, phase, nthreads, ratios)
 
 
-def lars_step(xs, gs, ms, trust: Tensor, hyper: LarsHyper) -> Tensor:
-    """One fused LARS step; returns [n, 3] float64 (‖x‖, ‖m‖ or ‖g‖ in 2017 mode, ratio)."""
-    return _call("lb_lars", xs, gs, ms, None, None, trust, hyper, None, PHASE_FUSED, torch.get_num_threads())
+def lars_step(xs, gs, ms, trust: Tensor, hyper: LarsHyper, *, phase: int = PHASE_FUSED,
+              ratios: Tensor | None = None) -> Tensor:
+    """One fused LARS step; returns [n, 3] float64 (‖x‖, ‖m‖ or ‖g‖ in 2017 mode, ratio).
+    ``phase``/``ratios`` as in :func:`lamb_step` (pass 2 alone is a correct step here: no scratch)."""
+    return _call("lb_lars", xs, gs, ms, None, None, trust, hyper, None, phase, torch.get_num_threads(), ratios)
 
 
 def triad(a: Tensor, b: Tensor, c: Tensor, s: float = 1.5) -> None:

@@ -596,28 +596,30 @@ def md_protocol(suite, base_lr: dict | None, provisional: dict) -> list[str]:
             f"epochs at every batch, so proportionally fewer steps). Base LRs chosen: {bl}.\n"]
 
 
+def _optimizer_by_batch(table: dict, cell) -> list[str]:
+    """The rows of an optimizer × batch table: ``cell(optimizer, batch, entry)`` formats one entry."""
+    batches = sorted({b for row in table.values() for b in row})
+    lines = ["| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
+    for opt, row in table.items():
+        cells = ["—" if row.get(b) is None else cell(opt, b, row[b]) for b in batches]
+        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def md_table(table: dict, title: str, metric_label: str) -> list[str]:
     batches = sorted({b for row in table.values() for b in row})
     best = {b: max((row[b]["mean"] for row in table.values() if b in row and _finite(row[b]["mean"])), default=None)
             for b in batches}
-    lines = [f"## {title}\n", f"Test {metric_label}, mean ± half-range over seeds (n seeds, steps per run, "
-             "diverged runs); best per batch in bold.\n",
-             "| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " |",
-             "|---|" + "---:|" * len(batches)]
-    for opt, row in table.items():
-        cells = []
-        for b in batches:
-            c = row.get(b)
-            if c is None:
-                cells.append("—")
-                continue
-            div = f", {c['diverged']} diverged" if c["diverged"] else ""
-            val = _pm(c["mean"], c["spread"])
-            if best[b] is not None and _finite(c["mean"]) and c["mean"] == best[b] and len(table) > 1:
-                val = f"**{val}**"
-            cells.append(f"{val} (n={c['n']}, {c['steps']} steps{div})")
-        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
-    return lines + [""]
+
+    def cell(opt, b, c):
+        div = f", {c['diverged']} diverged" if c["diverged"] else ""
+        val = _pm(c["mean"], c["spread"])
+        if best[b] is not None and _finite(c["mean"]) and c["mean"] == best[b] and len(table) > 1:
+            val = f"**{val}**"
+        return f"{val} (n={c['n']}, {c['steps']} steps{div})"
+
+    return [f"## {title}\n", f"Test {metric_label}, mean ± half-range over seeds (n seeds, steps per run, "
+            "diverged runs); best per batch in bold.\n"] + _optimizer_by_batch(table, cell)
 
 
 def md_sweep(sweep: dict) -> list[str]:
@@ -682,24 +684,17 @@ def claim_paragraph(claims: list[dict]) -> str:
 def md_steps(st: dict, metric: str, target: float | None) -> list[str]:
     if target is None or not st:
         return []
-    batches = sorted({b for row in st.values() for b in row})
-    lines = [f"## Steps to the validation target ({metric} ≥ {target})\n",
-             "Median optimizer steps to reach the target over the seeds that reached it (reached / seeds); "
-             "efficiency = (steps at the smallest batch × b0 / b) / steps at b (1 = ideal scaling).\n",
-             "| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
-    for opt, row in st.items():
-        cells = []
-        for b in batches:
-            c = row.get(b)
-            if c is None:
-                cells.append("—")
-            elif c["median_steps"] is None:
-                cells.append(f"not reached (0/{c['n']})")
-            else:
-                eff = f", eff {c['efficiency']:.2f}" if c["efficiency"] is not None else ""
-                cells.append(f"{c['median_steps']:g} ({c['reached']}/{c['n']}{eff})")
-        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
-    return lines + [""]
+
+    def cell(opt, b, c):
+        if c["median_steps"] is None:
+            return f"not reached (0/{c['n']})"
+        eff = f", eff {c['efficiency']:.2f}" if c["efficiency"] is not None else ""
+        return f"{c['median_steps']:g} ({c['reached']}/{c['n']}{eff})"
+
+    return [f"## Steps to the validation target ({metric} ≥ {target})\n",
+            "Median optimizer steps to reach the target over the seeds that reached it (reached / seeds); "
+            "efficiency = (steps at the smallest batch × b0 / b) / steps at b (1 = ideal scaling).\n"] + \
+        _optimizer_by_batch(st, cell)
 
 
 def _phase_desc(p: dict) -> str:

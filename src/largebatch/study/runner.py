@@ -77,7 +77,8 @@ class SuiteRunner:
         s = self.suite
         run_dir = self.runs_dir / (name or run_name(optimizer, batch, lr, seed))
         done = run_dir / "summary.json"
-        if done.exists():
+        done_before = done.exists()
+        if done_before:
             summary = json.loads(done.read_text())
         else:
             task_options = {**s.task_options, **(extra_task_options or {}), "seed": seed}
@@ -109,7 +110,12 @@ class SuiteRunner:
         summary.update({"optimizer": optimizer, "batch_size": batch, "lr": lr, "seed": seed, "run": run_dir.name})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.bar is not None:
-            self.bar.update(1)
+            if done_before:  # counted, but kept out of the rate: the ETA is that of runs actually trained
+                self.bar.n += 1
+                self.bar.last_print_n += 1
+                self.bar.refresh()
+            else:
+                self.bar.update(1)
             self.bar.set_postfix(run=run_dir.name)
         return summary
 

@@ -1,0 +1,162 @@
+"""Where the time of our LAMB/LARS step goes: the C kernel's passes timed one at a time.
+
+Hardware counters are not readable on the VMs this runs on (``perf`` reports them "not supported"), so
+the profile is made of timings that separate the three possible limits:
+
+- **memory traffic** — each pass timed alone over the whole set (every tensor's pass 1, then every
+  tensor's pass 2, which then reads from memory: "cold"), divided into the bytes it must move
+  (``PASS_BYTES``) → GB/s, beside the probe's bandwidth and fused AdamW's own GB/s;
+- **cache reuse** — the real (fused) schedule runs pass 2 of a tensor right after its pass 1, backwards;
+  ``pass 1 + cold pass 2 − fused`` is the time the cache saved;
+- **arithmetic** — the same kernels on one thread over data that stays in L1/L2 (one 16,384-element
+  tensor passed 64 times), in ns per element, beside fused AdamW's: if ``ns/element × params ÷ threads``
+  approaches the step time, the step is compute-bound, not memory-bound.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from largebatch.optim import _kernel
+
+#: bytes each pass must move per fp32 parameter (reads + writes)
+PASS_BYTES = {
+    "lamb pass 1": 28,   # read x, g, m, v; write m, v and u (to the scratch)
+    "lamb pass 2": 12,   # read x, u; write x
+    "lars pass 1": 16,   # read x, g, m; write m
+    "lars pass 2": 12,   # read x, m; write x
+    "adamw": 28,         # read x, g, m, v; write x, m, v
+}
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: pages faulted in, library loaded
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _lamb_hyper() -> _kernel.LambHyper:
+    return _kernel.LambHyper(beta1=0.9, beta2=0.999, beta3=0.1, eps=1e-6, eps_inside_sqrt=False, clip=1.0,
+                             l2=0.0, wd_in=0.01, decay_out=1.0, phi="identity", phi_min=None, phi_max=None)
+
+
+def _lars_hyper() -> _kernel.LarsHyper:
+    return _kernel.LarsHyper(momentum=0.9, beta3=1.0, weight_decay=0.01, clip=1.0, lr=1e-3,
+                             trust_coefficient=0.001, eps=0.0, mode_2017=False, nesterov=False,
+                             larc_clip=False, phi="identity", phi_min=None, phi_max=None)
+
+
+class _Problem:
+    """x, g, m, v for the given shapes (fp32) plus the kernel's inputs, timing callables per pass."""
+
+    def __init__(self, shapes, *, repeat_one: int = 0, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        def arrays(shape):
+            return (torch.randn(shape, generator=gen) * 0.02, torch.randn(shape, generator=gen) * 1e-3,
+                    torch.zeros(shape), torch.zeros(shape))
+
+        if repeat_one:  # one small tensor passed many times: the data stays in cache
+            self.xs, self.gs, self.ms, self.vs = ([t] * repeat_one for t in arrays(shapes[0]))
+        else:
+            self.xs, self.gs, self.ms, self.vs = (list(a) for a in zip(*(arrays(s) for s in shapes)))
+        n = len(self.xs)
+        self.n_params = sum(x.numel() for x in self.xs)
+        self.trust = torch.ones(n, dtype=torch.bool)
+        self.coefs = torch.tensor([[0.9, 0.1, 0.999, 0.001, 1e-3]] * n, dtype=torch.float64)
+        self.ratios = torch.ones(n, dtype=torch.float64)
+        need = _kernel.scratch_elements([x.numel() for x in self.xs], torch.get_num_threads())
+        self.scratch = torch.empty(need)
+        self.steps = [torch.tensor(1.0) for _ in range(n)]
+
+    def lamb(self, phase: int) -> None:
+        _kernel.lamb_step(self.xs, self.gs, self.ms, self.vs, self.coefs, self.trust, _lamb_hyper(),
+                          self.scratch, phase=phase, ratios=self.ratios)
+
+    def lars(self, phase: int) -> None:
+        _kernel.lars_step(self.xs, self.gs, self.ms, self.trust, _lars_hyper(), phase=phase, ratios=self.ratios)
+
+    def adamw(self) -> None:
+        torch._fused_adamw_(self.xs, self.gs, self.ms, self.vs, [], self.steps, lr=1e-3, beta1=0.9,
+                            beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
+
+
+def _passes(p: _Problem, repeats: int) -> dict:
+    f, n1, a2 = _kernel.PHASE_FUSED, _kernel.PHASE_NORMS, _kernel.PHASE_APPLY
+    times = {
+        "adamw": _median_time(p.adamw, repeats),
+        "lamb fused": _median_time(lambda: p.lamb(f), repeats),
+        "lamb pass 1": _median_time(lambda: p.lamb(n1), repeats),
+        "lamb pass 2": _median_time(lambda: p.lamb(a2), repeats),
+        "lars fused": _median_time(lambda: p.lars(f), repeats),
+        "lars pass 1": _median_time(lambda: p.lars(n1), repeats),
+        "lars pass 2": _median_time(lambda: p.lars(a2), repeats),
+    }
+    return times
+
+
+def profile_set(shapes, *, repeats: int = 5) -> dict:
+    """Pass-by-pass timings of our kernels and fused AdamW on ``shapes`` (all threads), as a dict."""
+    if not _kernel.available():
+        return {"error": f"kernel unavailable: {_kernel.unavailable_reason()}"}
+    p = _Problem(shapes)
+    t = _passes(p, repeats)
+    n = p.n_params
+    rows = []
+    for name, secs in t.items():
+        nbytes = PASS_BYTES.get(name)
+        rows.append({"part": name, "ms": secs * 1e3,
+                     "bytes_per_param": nbytes, "gbs": nbytes * n / secs / 1e9 if nbytes else None})
+    out = {"params": n, "threads": torch.get_num_threads(), "rows": rows}
+    for opt in ("lamb", "lars"):
+        fused, p1, p2 = t[f"{opt} fused"], t[f"{opt} pass 1"], t[f"{opt} pass 2"]
+        out[f"{opt}_cache_saving_ms"] = (p1 + p2 - fused) * 1e3
+        out[f"{opt}_over_adamw"] = fused / t["adamw"]
+    del p
+    return out
+
+
+def compute_cost(*, elements: int = 16_384, repeat: int = 64, repeats: int = 9) -> dict:
+    """ns per element of each kernel on ONE thread with the data in L1/L2 (arithmetic, not memory)."""
+    if not _kernel.available():
+        return {"error": f"kernel unavailable: {_kernel.unavailable_reason()}"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = _Problem([(elements,)], repeat_one=repeat)
+        t = _passes(p, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {"elements": elements * repeat, "ns_per_element": {k: v / (elements * repeat) * 1e9 for k, v in t.items()}}
+
+
+def markdown(profiles: dict, compute: dict, bandwidth: float) -> str:
+    """The profile section of results.md."""
+    lines = ["\n## Profile: where our step's time goes\n",
+             "Each pass of the C kernel timed alone over the whole set (pass 2 alone runs after every tensor's "
+             "pass 1, so it reads from memory), the real fused schedule (pass 2 of a tensor right after its "
+             "pass 1, backwards, from cache), and torch's `_fused_adamw_` on the same tensors; GB/s = the bytes "
+             f"the pass must move ÷ its time (probe: {bandwidth:.1f} GB/s).\n"]
+    for set_name, prof in profiles.items():
+        if "error" in prof:
+            lines.append(f"\n**{set_name}**: {prof['error']}\n")
+            continue
+        lines.append(f"\n**{set_name}** ({prof['params'] / 1e6:.1f} M params, {prof['threads']} threads): "
+                     f"LAMB ÷ AdamW {prof['lamb_over_adamw']:.2f}, LARS ÷ AdamW {prof['lars_over_adamw']:.2f}; "
+                     f"cache saved {prof['lamb_cache_saving_ms']:.1f} ms (LAMB), {prof['lars_cache_saving_ms']:.1f} ms (LARS)\n")
+        lines.append("| part | ms | bytes/param | GB/s |")
+        lines.append("|---|---:|---:|---:|")
+        for r in prof["rows"]:
+            gbs = "—" if r["gbs"] is None else f"{r['gbs']:.1f}"
+            nb = "—" if r["bytes_per_param"] is None else str(r["bytes_per_param"])
+            lines.append(f"| {r['part']} | {r['ms']:.1f} | {nb} | {gbs} |")
+    if "error" not in compute:
+        ns = compute["ns_per_element"]
+        lines.append(f"\nArithmetic (1 thread, data in L1/L2, {compute['elements']:,} elements): "
+                     + ", ".join(f"{k} {v:.2f} ns" for k, v in ns.items()) + " per element.\n")
+    return "\n".join(lines) + "\n"
