@@ -267,3 +267,19 @@ def test_cli_suite_option_for_a_directory_without_study_json(tmp_path, capsys):
     assert "Invalid suite" in capsys.readouterr().err
     assert main(["report", str(study), "--suite", "image-scaling"]) == 0
     assert "Study `image-scaling`" in capsys.readouterr().out
+
+
+def test_a_target_met_at_the_first_evaluation_is_only_an_upper_bound(tmp_path):
+    for seed in (0, 1):  # batch 16: met at its first evaluation (step 2); batch 256: at step 8, its last
+        write_run(tmp_path, f"lamb-b16-s{seed}", optimizer="lamb", batch=16, seed=seed, steps=64, final_val=20.0)
+        write_run(tmp_path, f"lamb-b256-s{seed}", optimizer="lamb", batch=256, seed=seed, steps=8, acc=0.6)
+        write_run(tmp_path, f"adamw-b16-s{seed}", optimizer="adamw", batch=16, seed=seed, steps=64, final_val=20.0)
+        write_run(tmp_path, f"adamw-b256-s{seed}", optimizer="adamw", batch=256, seed=seed, steps=8, final_val=20.0)
+    table = R.build_table(R._runs(tmp_path), "accuracy", 0.5)
+    st = R.steps_table(table)["lamb"]
+    assert st[16]["upper_bound"] and st[16]["median_steps"] == 2 and not st[256]["upper_bound"]
+    assert st[256]["efficiency"] == pytest.approx(2 * 16 / 256 / 8) and st[256]["efficiency_bound"] == "≤"
+    both = R.steps_table(table)["adamw"][256]  # both ends at a first evaluation: no efficiency at all
+    assert both["upper_bound"] and both["efficiency"] is None
+    md = "\n".join(R.md_steps(R.steps_table(table), "accuracy", 0.5))
+    assert "| lamb | ≤ 2 (2/2, eff 1.00) | 8 (2/2, eff ≤ 0.02) |" in md

@@ -1,5 +1,6 @@
 """The smoke suite runs the whole study pipeline (sweep, ladder, report) and resumes without redoing runs."""
 import json
+import re
 import subprocess
 import sys
 
@@ -30,6 +31,9 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")} == mtimes  # nothing redone
+    for proc in (first, again):  # the progress bar ends exactly at its planned total
+        done, total = re.findall(r"(\d+)/(\d+) \[", proc.stderr)[-1]
+        assert done == total, proc.stderr[-500:]
     rebuilt = subprocess.run([sys.executable, "-m", "largebatch.cli.main", "report", str(out)],
                              capture_output=True, text=True, timeout=300)
     assert rebuilt.returncode == 0 and "Study `smoke`" in rebuilt.stdout

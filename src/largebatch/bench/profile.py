@@ -31,14 +31,18 @@ PASS_BYTES = {
 }
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: pages faulted in, library loaded
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _median_times(parts: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, timed round-robin (one call of each in turn, like the benchmark),
+    so every part sees the same machine noise; one untimed warm-up call each."""
+    for fn in parts.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _lamb_hyper() -> _kernel.LambHyper:
@@ -57,6 +61,7 @@ class _Problem:
 
     def __init__(self, shapes, *, repeat_one: int = 0, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
+
         def arrays(shape):
             return (torch.randn(shape, generator=gen) * 0.02, torch.randn(shape, generator=gen) * 1e-3,
                     torch.zeros(shape), torch.zeros(shape))
@@ -86,18 +91,17 @@ class _Problem:
                             beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
 
 
-def _passes(p: _Problem, repeats: int) -> dict:
+def _passes(p: _Problem, repeats: int) -> dict[str, float]:
     f, n1, a2 = _kernel.PHASE_FUSED, _kernel.PHASE_NORMS, _kernel.PHASE_APPLY
-    times = {
-        "adamw": _median_time(p.adamw, repeats),
-        "lamb fused": _median_time(lambda: p.lamb(f), repeats),
-        "lamb pass 1": _median_time(lambda: p.lamb(n1), repeats),
-        "lamb pass 2": _median_time(lambda: p.lamb(a2), repeats),
-        "lars fused": _median_time(lambda: p.lars(f), repeats),
-        "lars pass 1": _median_time(lambda: p.lars(n1), repeats),
-        "lars pass 2": _median_time(lambda: p.lars(a2), repeats),
-    }
-    return times
+    return _median_times({
+        "adamw": p.adamw,
+        "lamb fused": lambda: p.lamb(f),
+        "lamb pass 1": lambda: p.lamb(n1),
+        "lamb pass 2": lambda: p.lamb(a2),
+        "lars fused": lambda: p.lars(f),
+        "lars pass 1": lambda: p.lars(n1),
+        "lars pass 2": lambda: p.lars(a2),
+    }, repeats)
 
 
 def profile_set(shapes, *, repeats: int = 5) -> dict:
@@ -138,8 +142,8 @@ def compute_cost(*, elements: int = 16_384, repeat: int = 64, repeats: int = 9) 
 def markdown(profiles: dict, compute: dict, bandwidth: float) -> str:
     """The profile section of results.md."""
     lines = ["\n## Profile: where our step's time goes\n",
-             "Each pass of the C kernel timed alone over the whole set (pass 2 alone runs after every tensor's "
-             "pass 1, so it reads from memory), the real fused schedule (pass 2 of a tensor right after its "
+             "Timed round-robin like the table above, on one set of tensors: each pass of the C kernel alone "
+             "over the whole set (pass 2 alone runs after every tensor's pass 1, so it reads from memory), the real fused schedule (pass 2 of a tensor right after its "
              "pass 1, backwards, from cache), and torch's `_fused_adamw_` on the same tensors; GB/s = the bytes "
              f"the pass must move ÷ its time (probe: {bandwidth:.1f} GB/s).\n"]
     for set_name, prof in profiles.items():

@@ -187,6 +187,11 @@ def steps_to_target(run_dir: str, key: str, target: float) -> int | None:
     return None
 
 
+def first_eval_step(run_dir: str, key: str) -> int | None:
+    """The step of a run's first evaluation: a target reached there was reached at that step or earlier."""
+    return next((r["step"] for r in load_metrics(run_dir)["evals"] if _finite(r.get(key))), None)
+
+
 # ------------------------------------------------------------------------------------------------ header
 def _version(dist: str) -> str | None:
     from importlib import metadata
@@ -239,11 +244,14 @@ def build_table(runs: list[dict], metric: str, target: float | None, key: str | 
         loss_key = "test_precise_bn_loss" if key.startswith("precise_bn_") else "test_loss"
         loss_mean, loss_spread = _mean_spread([r.get(loss_key) for r in rs])
         stt = [steps_to_target(r["dir"], f"validation_{metric}", target) for r in rs] if target is not None else []
+        at_first = sum(s is not None and s == first_eval_step(r["dir"], f"validation_{metric}")
+                       for s, r in zip(stt, rs))
         table.setdefault(opt, {})[batch] = {
             "mean": mean, "spread": spread, "n": len(rs), "values": vals, "seeds": [r.get("seed") for r in rs],
             "steps": rs[0].get("total_steps"), "lr": rs[0]["lr"], "loss_mean": loss_mean, "loss_spread": loss_spread,
             "diverged": sum(bool(r.get("diverged")) for r in rs),
             "steps_to_target": [s for s in stt if s is not None], "reached_target": sum(s is not None for s in stt),
+            "target_at_first_eval": at_first,
             "unigram": rs[0].get("test_unigram_accuracy"),
         }
     return table
@@ -331,9 +339,18 @@ def steps_table(table: dict) -> dict:
         for b in batches:
             c = row[b]
             med = statistics.median(c["steps_to_target"]) if c["steps_to_target"] else None
+            # a median that includes a first-evaluation hit is only an upper bound (the evaluations are
+            # spaced total/eval_points apart); an efficiency from an upper bound is a bound the other way
+            bounded = bool(c.get("target_at_first_eval"))
+            bounded0 = bool(row[b0].get("target_at_first_eval"))
             eff = (s0 * b0 / b) / med if (s0 and med) else None
+            if eff is not None and b != b0 and bounded and bounded0:
+                eff = None
             out.setdefault(opt, {})[b] = {"median_steps": med, "reached": c["reached_target"], "n": c["n"],
-                                          "samples": med * b if med else None, "efficiency": eff}
+                                          "samples": med * b if med else None, "efficiency": eff,
+                                          "upper_bound": bounded,
+                                          "efficiency_bound": None if eff is None or b == b0 else
+                                          ("≥" if bounded else "≤" if bounded0 else "=")}
     return out
 
 
@@ -688,12 +705,19 @@ def md_steps(st: dict, metric: str, target: float | None) -> list[str]:
     def cell(opt, b, c):
         if c["median_steps"] is None:
             return f"not reached (0/{c['n']})"
-        eff = f", eff {c['efficiency']:.2f}" if c["efficiency"] is not None else ""
-        return f"{c['median_steps']:g} ({c['reached']}/{c['n']}{eff})"
+        eff = ""
+        if c["efficiency"] is not None:
+            bound = c.get("efficiency_bound")
+            eff = f", eff {'' if bound in (None, '=') else bound + ' '}{c['efficiency']:.2f}"
+        first = "≤ " if c.get("upper_bound") else ""
+        return f"{first}{c['median_steps']:g} ({c['reached']}/{c['n']}{eff})"
 
     return [f"## Steps to the validation target ({metric} ≥ {target})\n",
             "Median optimizer steps to reach the target over the seeds that reached it (reached / seeds); "
-            "efficiency = (steps at the smallest batch × b0 / b) / steps at b (1 = ideal scaling).\n"] + \
+            "efficiency = (steps at the smallest batch × b0 / b) / steps at b (1 = ideal scaling). "
+            "Steps are those of the evaluation that first met the target; \"≤\" marks a target met at a "
+            "run's first evaluation, so the true count is at most that (and an efficiency computed from it "
+            "is a bound, shown as ≤ / ≥, or omitted when both ends are bounds).\n"] + \
         _optimizer_by_batch(st, cell)
 
 

@@ -134,6 +134,9 @@ def steps_to_target(out: Path, table: dict, metric: str, target: float) -> str:
         pts = [(b, statistics.median(c["steps_to_target"])) for b, c in sorted(row.items()) if c["steps_to_target"]]
         if pts:
             line, = ax.plot(*zip(*pts), "o-", label=opt)
+            bounded = [(b, st) for b, st in pts if row[b].get("target_at_first_eval")]
+            if bounded:  # met at the first evaluation: an upper bound, drawn hollow
+                ax.plot(*zip(*bounded), "o", mfc="white", color=line.get_color())
             b0, s0 = pts[0]
             bs = sorted(row)
             ax.plot(bs, [s0 * b0 / b for b in bs], ls=":", color=line.get_color(), alpha=0.7)
@@ -144,7 +147,7 @@ def steps_to_target(out: Path, table: dict, metric: str, target: float) -> str:
         _batch_ticks(ax, [b for row in table.values() for b in row])
         ax.legend(fontsize=8)
     ax.set(xlabel="effective batch", ylabel=f"steps to validation {metric} ≥ {target}",
-           title="steps to target (dotted: ideal scaling, steps ∝ 1/batch)")
+           title="steps to target (dotted: ideal scaling, steps ∝ 1/batch;\nhollow: met at the first evaluation, an upper bound)")
     ax.grid(alpha=0.3, which="both")
     return _save(fig, out, "steps_to_target.png")
 

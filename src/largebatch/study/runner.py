@@ -151,7 +151,8 @@ class SuiteRunner:
         sweep = sum(len(g) for g in s.lr_grids.values())
         ladder = sum((s.seeds_largest if b == s.batches[-1] else s.seeds) for b in s.batches) * len(s.lr_grids)
         two_phase = 2 * s.two_phase["seeds"] if s.two_phase else 0
-        return sweep + ladder - len(s.lr_grids) + two_phase  # the smallest batch's seed-0 run is a sweep run
+        # the smallest batch's seed-0 ladder run is the chosen sweep run: read back, and counted again
+        return sweep + ladder + two_phase
 
     def run(self) -> dict:
         s = self.suite
@@ -186,6 +187,15 @@ class FinetuneRunner(SuiteRunner):
                          and json.loads((p / "summary.json").read_text()).get("kind") == "ladder")
         if not sources:
             raise FileNotFoundError(f"no finished {s.source} runs under {source}: run `largebatch study {s.source}` first")
+        from ..train.checkpoint import list_checkpoints
+
+        # checked before any work: a study copied without its checkpoints (they are not committed) fails here
+        missing = [p.name for p in sources if not list_checkpoints(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(sources)} {s.source} runs have no checkpoint (ckpt-*.pt) to fine-tune from: "
+                f"{', '.join(missing)}. Retrain them on this machine: move those folders out of {source} and rerun "
+                f"`largebatch study {s.source} --out {self.out.parent / s.source}` (it trains only the runs it lacks)")
         self.out.mkdir(parents=True, exist_ok=True)
         if self.progress:
             from tqdm.auto import tqdm

@@ -47,7 +47,9 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           lr_grids={"lamb": (1e-3, 3e-3, 1e-2), "adamw": (3e-4, 1e-3, 3e-3), "lars": (1e-3, 3e-3, 1e-2)},
           task_options=dict(vocab_size=4096, seq_len=32, hidden=64, layers=2, heads=2, intermediate=256,
                             dropout=0.0),
-          target=0.10,
+          # steps-to-target threshold (report only): 0.10 was met at the first evaluation by every run below
+          # batch 1024, which measures the evaluation spacing, not the optimizer; 0.13 separates them
+          target=0.13,
           two_phase=dict(optimizer="lamb", seeds=2, seq_len=64, twin_batch=512, phases=[
               dict(seq_len=32, batch_size=1024, epochs=9.0, warmup_steps=50),
               dict(seq_len=64, batch_size=512, epochs=1.0, warmup_steps=10, optimizer_state="reset_step")]),

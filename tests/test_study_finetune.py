@@ -1,0 +1,40 @@
+"""`largebatch study finetune` checks its sources before any work: a pre-training study copied without its
+checkpoints (they are never committed) gets one clear error naming the runs and the fix."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from largebatch.study.runner import FinetuneRunner
+from largebatch.study.suites import get_suite
+
+
+def _ladder_run(root, name, with_checkpoint):
+    d = root / "mlm-scaling" / "runs" / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"kind": "ladder", "optimizer": "lamb", "batch_size": 16, "seed": 0}))
+    if with_checkpoint:
+        (d / "ckpt-00000010.pt").write_bytes(b"not read by this test")
+    return d
+
+
+def test_missing_checkpoints_are_listed_before_any_work(tmp_path):
+    _ladder_run(tmp_path, "lamb-b16-lr0.003-s0", with_checkpoint=True)
+    _ladder_run(tmp_path, "lamb-b64-lr0.006-s0", with_checkpoint=False)
+    _ladder_run(tmp_path, "adamw-b64-lr0.002-s1", with_checkpoint=False)
+    out = tmp_path / "finetune"
+    with pytest.raises(FileNotFoundError) as err:
+        FinetuneRunner(get_suite("finetune"), out, progress=False).run()
+    msg = str(err.value)
+    assert "2 of 3 mlm-scaling runs have no checkpoint" in msg
+    assert "adamw-b64-lr0.002-s1, lamb-b64-lr0.006-s0" in msg and "largebatch study mlm-scaling --out" in msg
+    assert not (out / "runs").exists()  # nothing was started
+
+
+def test_cli_says_it_in_one_line(tmp_path):
+    _ladder_run(tmp_path, "lamb-b64-lr0.006-s0", with_checkpoint=False)
+    proc = subprocess.run([sys.executable, "-m", "largebatch.cli.main", "study", "finetune", "--out",
+                           str(tmp_path / "finetune")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("largebatch study: error: 1 of 1 mlm-scaling runs")
