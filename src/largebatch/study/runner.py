@@ -125,7 +125,7 @@ class SuiteRunner:
         s = self.suite
         grid = sorted(s.lr_grids[optimizer])
         results: dict[float, dict] = {}
-        for _ in range(s.extend_grid + 1):
+        for extension in range(s.extend_grid + 1):
             for lr in grid:
                 if lr not in results:
                     results[lr] = self.run_one(optimizer, s.batches[0], lr, 0, tags={"kind": "sweep"})
@@ -136,8 +136,8 @@ class SuiteRunner:
 
             best = min(results, key=lambda lr: score(results[lr]))
             ordered = sorted(results)
-            if len(ordered) < 2 or (best != ordered[0] and best != ordered[-1]):
-                break
+            if len(ordered) < 2 or (best != ordered[0] and best != ordered[-1]) or extension == s.extend_grid:
+                break  # inside the grid, or no extension left (the report then calls the choice provisional)
             step = ordered[1] / ordered[0] if len(ordered) > 1 else 3.0
             new = best / step if best == ordered[0] else best * step
             grid = [new]
