@@ -19,7 +19,7 @@ def _lars_problem(seed=0):
 
 
 def test_lars_pass1_then_pass2_is_the_fused_step():
-    hyper = profile._lars_hyper()
+    hyper = profile._Problem(SHAPES).lars_hyper
     trust = torch.ones(len(SHAPES), dtype=torch.bool)
     a, b = _lars_problem(), _lars_problem()
     fused = _kernel.lars_step(*a, trust, hyper)
@@ -32,8 +32,8 @@ def test_lars_pass1_then_pass2_is_the_fused_step():
 
 
 def test_lamb_pass1_alone_returns_the_fused_squared_norms():
-    hyper = profile._lamb_hyper()
     p, q = profile._Problem(SHAPES), profile._Problem(SHAPES)
+    hyper = p.lamb_hyper
     fused = _kernel.lamb_step(p.xs, p.gs, p.ms, p.vs, p.coefs, p.trust, hyper, p.scratch)
     sq = _kernel.lamb_step(q.xs, q.gs, q.ms, q.vs, q.coefs, q.trust, hyper, q.scratch, phase=_kernel.PHASE_NORMS)
     torch.testing.assert_close(sq[:, :2].sqrt(), fused[:, :2], rtol=1e-6, atol=0)

@@ -20,6 +20,9 @@ import time
 import torch
 
 from largebatch.optim import _kernel
+from largebatch.optim.lamb import kernel_hyper as lamb_kernel_hyper
+from largebatch.optim.lamb import lamb_coefficients
+from largebatch.optim.lars import kernel_hyper as lars_kernel_hyper
 
 #: bytes each pass must move per fp32 parameter (reads + writes)
 PASS_BYTES = {
@@ -45,15 +48,17 @@ def _median_times(parts: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _lamb_hyper() -> _kernel.LambHyper:
-    return _kernel.LambHyper(beta1=0.9, beta2=0.999, beta3=0.1, eps=1e-6, eps_inside_sqrt=False, clip=1.0,
-                             l2=0.0, wd_in=0.01, decay_out=1.0, phi="identity", phi_min=None, phi_max=None)
+#: the settings the benchmark's table times (see ``peers.optimizer_factories``)
+LR, WEIGHT_DECAY, MOMENTUM = 1e-3, 0.01, 0.9
 
 
-def _lars_hyper() -> _kernel.LarsHyper:
-    return _kernel.LarsHyper(momentum=0.9, beta3=1.0, weight_decay=0.01, clip=1.0, lr=1e-3,
-                             trust_coefficient=0.001, eps=0.0, mode_2017=False, nesterov=False,
-                             larc_clip=False, phi="identity", phi_min=None, phi_max=None)
+def _groups() -> tuple[dict, dict]:
+    """Default Lamb and Lars param groups, as the optimizers themselves fill them in."""
+    from largebatch import Lamb, Lars
+
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    return (Lamb(p, lr=LR, weight_decay=WEIGHT_DECAY).param_groups[0],
+            Lars(p, lr=LR, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM).param_groups[0])
 
 
 class _Problem:
@@ -73,22 +78,29 @@ class _Problem:
         n = len(self.xs)
         self.n_params = sum(x.numel() for x in self.xs)
         self.trust = torch.ones(n, dtype=torch.bool)
-        self.coefs = torch.tensor([[0.9, 0.1, 0.999, 0.001, 1e-3]] * n, dtype=torch.float64)
+        lamb_group, lars_group = _groups()
+        self.lamb_hyper = lamb_kernel_hyper(lamb_group, lr=LR, clip=None)
+        self.lars_hyper = lars_kernel_hyper(lars_group, lr=LR, clip=None)
+        beta1, beta2 = lamb_group["betas"]
+        self.coefs = lamb_coefficients(torch.ones(n), lr=LR, beta1=beta1, beta2=beta2,  # the first step's
+                                       bias_correction=lamb_group["bias_correction"],
+                                       nesterov=lamb_group["nesterov"], grad_averaging=lamb_group["grad_averaging"])
         self.ratios = torch.ones(n, dtype=torch.float64)
         need = _kernel.scratch_elements([x.numel() for x in self.xs], torch.get_num_threads())
         self.scratch = torch.empty(need)
         self.steps = [torch.tensor(1.0) for _ in range(n)]
 
     def lamb(self, phase: int) -> None:
-        _kernel.lamb_step(self.xs, self.gs, self.ms, self.vs, self.coefs, self.trust, _lamb_hyper(),
+        _kernel.lamb_step(self.xs, self.gs, self.ms, self.vs, self.coefs, self.trust, self.lamb_hyper,
                           self.scratch, phase=phase, ratios=self.ratios)
 
     def lars(self, phase: int) -> None:
-        _kernel.lars_step(self.xs, self.gs, self.ms, self.trust, _lars_hyper(), phase=phase, ratios=self.ratios)
+        _kernel.lars_step(self.xs, self.gs, self.ms, self.trust, self.lars_hyper, phase=phase,
+                          ratios=self.ratios)
 
     def adamw(self) -> None:
-        torch._fused_adamw_(self.xs, self.gs, self.ms, self.vs, [], self.steps, lr=1e-3, beta1=0.9,
-                            beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
+        torch._fused_adamw_(self.xs, self.gs, self.ms, self.vs, [], self.steps, lr=LR, beta1=0.9,
+                            beta2=0.999, weight_decay=WEIGHT_DECAY, eps=1e-8, amsgrad=False, maximize=False)
 
 
 def _passes(p: _Problem, repeats: int) -> dict[str, float]:
@@ -121,7 +133,6 @@ def profile_set(shapes, *, repeats: int = 5) -> dict:
         fused, p1, p2 = t[f"{opt} fused"], t[f"{opt} pass 1"], t[f"{opt} pass 2"]
         out[f"{opt}_cache_saving_ms"] = (p1 + p2 - fused) * 1e3
         out[f"{opt}_over_adamw"] = fused / t["adamw"]
-    del p
     return out
 
 
@@ -143,16 +154,18 @@ def markdown(profiles: dict, compute: dict, bandwidth: float) -> str:
     """The profile section of results.md."""
     lines = ["\n## Profile: where our step's time goes\n",
              "Timed round-robin like the table above, on one set of tensors: each pass of the C kernel alone "
-             "over the whole set (pass 2 alone runs after every tensor's pass 1, so it reads from memory), the real fused schedule (pass 2 of a tensor right after its "
-             "pass 1, backwards, from cache), and torch's `_fused_adamw_` on the same tensors; GB/s = the bytes "
-             f"the pass must move ÷ its time (probe: {bandwidth:.1f} GB/s).\n"]
+             "over the whole set (pass 2 alone runs after every tensor's pass 1, so it reads from memory), the "
+             "real fused schedule (pass 2 of a tensor right after its pass 1, backwards, from cache), and "
+             "torch's `_fused_adamw_` on the same tensors; GB/s = the bytes the pass must move ÷ its time "
+             f"(probe: {bandwidth:.1f} GB/s).\n"]
     for set_name, prof in profiles.items():
         if "error" in prof:
             lines.append(f"\n**{set_name}**: {prof['error']}\n")
             continue
         lines.append(f"\n**{set_name}** ({prof['params'] / 1e6:.1f} M params, {prof['threads']} threads): "
                      f"LAMB ÷ AdamW {prof['lamb_over_adamw']:.2f}, LARS ÷ AdamW {prof['lars_over_adamw']:.2f}; "
-                     f"cache saved {prof['lamb_cache_saving_ms']:.1f} ms (LAMB), {prof['lars_cache_saving_ms']:.1f} ms (LARS)\n")
+                     f"cache saved {prof['lamb_cache_saving_ms']:.1f} ms (LAMB), "
+                     f"{prof['lars_cache_saving_ms']:.1f} ms (LARS)\n")
         lines.append("| part | ms | bytes/param | GB/s |")
         lines.append("|---|---:|---:|---:|")
         for r in prof["rows"]:

@@ -268,17 +268,22 @@ def _multi_tensor_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, redu
     return torch.stack([xn, un, ratio], dim=1)
 
 
-def _fused_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
-    """C kernel: per tensor, pass 1 updates m, v, writes u to the scratch and sums ‖x‖², ‖u‖²;
-    pass 2 writes x. ``scratch(dtype, n)`` returns the optimizer's reusable buffer."""
+def kernel_hyper(group: dict, *, lr: float, clip: float | None) -> _kernel.LambHyper:
+    """A param group's settings as the C kernel's scalars (the benchmark's profile uses it too)."""
     beta1, beta2 = group["betas"]
     wd, mode = group["weight_decay"], group["weight_decay_mode"]
-    hyper = _kernel.LambHyper(
+    return _kernel.LambHyper(
         beta1=beta1, beta2=beta2, beta3=1.0 - beta1 if group["grad_averaging"] else 1.0,
         eps=group["eps"], eps_inside_sqrt=group["eps_inside_sqrt"],
         clip=1.0 if clip is None else float(clip),
         l2=wd if mode == "l2" else 0.0, wd_in=wd if mode == "decoupled" else 0.0,
         decay_out=1.0 - lr * wd if mode == "decoupled_outside" else 1.0,
         phi=group["phi"], phi_min=group["phi_min"], phi_max=group["phi_max"])
+
+
+def _fused_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
+    """C kernel: per tensor, pass 1 updates m, v, writes u to the scratch and sums ‖x‖², ‖u‖²;
+    pass 2 writes x. ``scratch(dtype, n)`` returns the optimizer's reusable buffer."""
     need = _kernel.scratch_elements([x.numel() for x in xs], torch.get_num_threads())
-    return _kernel.lamb_step(xs, grads, ms, vs, coefs, trust, hyper, scratch(xs[0].dtype, need))
+    return _kernel.lamb_step(xs, grads, ms, vs, coefs, trust, kernel_hyper(group, lr=lr, clip=clip),
+                             scratch(xs[0].dtype, need))

@@ -172,12 +172,16 @@ def _multi_tensor_lars(xs, grads, bufs, trust, group, *, lr, clip, reduce_sq, sh
     return torch.stack([xn, un, ratio], dim=1)
 
 
-def _fused_lars(xs, grads, bufs, trust, group, *, lr, clip, reduce_sq, sharded):
+def kernel_hyper(group: dict, *, lr: float, clip: float | None) -> _kernel.LarsHyper:
+    """A param group's settings as the C kernel's scalars (the benchmark's profile uses it too)."""
     mom = group["momentum"]
-    hyper = _kernel.LarsHyper(
+    return _kernel.LarsHyper(
         momentum=mom, beta3=1.0 - mom if group["grad_averaging"] else 1.0,
         weight_decay=group["weight_decay"], clip=1.0 if clip is None else float(clip), lr=lr,
         trust_coefficient=group["trust_coefficient"], eps=group["eps"], mode_2017=group["mode"] == "2017",
         nesterov=group["nesterov"], larc_clip=group["larc_clip"], phi=group["phi"],
         phi_min=group["phi_min"], phi_max=group["phi_max"])
-    return _kernel.lars_step(xs, grads, bufs, trust, hyper)
+
+
+def _fused_lars(xs, grads, bufs, trust, group, *, lr, clip, reduce_sq, sharded):
+    return _kernel.lars_step(xs, grads, bufs, trust, kernel_hyper(group, lr=lr, clip=clip))

@@ -180,16 +180,14 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
 
-def steps_to_target(run_dir: str, key: str, target: float) -> int | None:
-    for r in load_metrics(run_dir)["evals"]:
-        if _finite(r.get(key)) and r[key] >= target:
-            return r["step"]
-    return None
-
-
-def first_eval_step(run_dir: str, key: str) -> int | None:
-    """The step of a run's first evaluation: a target reached there was reached at that step or earlier."""
-    return next((r["step"] for r in load_metrics(run_dir)["evals"] if _finite(r.get(key))), None)
+def steps_to_target(run_dir: str, key: str, target: float) -> tuple[int | None, bool]:
+    """The step of the first evaluation that met the target (None: never), and whether it was the run's first
+    evaluation: then the target was met at that step or earlier, so the step is only an upper bound."""
+    evals = [r for r in load_metrics(run_dir)["evals"] if _finite(r.get(key))]
+    for i, r in enumerate(evals):
+        if r[key] >= target:
+            return r["step"], i == 0
+    return None, False
 
 
 # ------------------------------------------------------------------------------------------------ header
@@ -243,15 +241,14 @@ def build_table(runs: list[dict], metric: str, target: float | None, key: str | 
         mean, spread = _mean_spread(vals)
         loss_key = "test_precise_bn_loss" if key.startswith("precise_bn_") else "test_loss"
         loss_mean, loss_spread = _mean_spread([r.get(loss_key) for r in rs])
-        stt = [steps_to_target(r["dir"], f"validation_{metric}", target) for r in rs] if target is not None else []
-        at_first = sum(s is not None and s == first_eval_step(r["dir"], f"validation_{metric}")
-                       for s, r in zip(stt, rs))
+        hits = [steps_to_target(r["dir"], f"validation_{metric}", target) for r in rs] if target is not None else []
+        stt = [step for step, _ in hits]
         table.setdefault(opt, {})[batch] = {
             "mean": mean, "spread": spread, "n": len(rs), "values": vals, "seeds": [r.get("seed") for r in rs],
             "steps": rs[0].get("total_steps"), "lr": rs[0]["lr"], "loss_mean": loss_mean, "loss_spread": loss_spread,
             "diverged": sum(bool(r.get("diverged")) for r in rs),
             "steps_to_target": [s for s in stt if s is not None], "reached_target": sum(s is not None for s in stt),
-            "target_at_first_eval": at_first,
+            "target_at_first_eval": sum(first for _, first in hits),
             "unigram": rs[0].get("test_unigram_accuracy"),
         }
     return table
