@@ -166,6 +166,45 @@ def test_state_dict_round_trip_continues_identically(maker, impl):
         else set(opt2.state[resumed[0]]) >= {"step", "momentum_buffer"}
 
 
+@pytest.mark.parametrize("maker", ["lamb", "lars"])
+def test_step_counters_are_plain_scalars_advanced_in_one_op(maker, monkeypatch):
+    ps = [nn.Parameter(t.clone()) for t in _tensors()]
+    opt = MAKERS[maker](ps)
+    calls = []
+    real = torch._foreach_add_
+    monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for k in range(3):
+        _set_grads(ps, k)
+        if k == 1:
+            ps[2].grad = None  # another set of parameters with gradients: the counters are rebuilt
+        opt.step()
+    steps = [opt.state[p]["step"] for p in ps]
+    assert [float(t) for t in steps] == [3, 3, 2, 3, 3]
+    assert all(t.dim() == 0 and t.dtype == torch.float32 for t in steps)
+    assert calls == []  # no per-tensor increments (they cost ~35 ms a step on 10,000 tensors)
+    sd = opt.state_dict()
+    assert [float(sd["state"][i]["step"]) for i in range(len(ps))] == [3, 3, 2, 3, 3]
+
+
+@pytest.mark.parametrize("maker", ["lamb", "lars"])
+def test_deepcopy_and_pickle_keep_a_working_optimizer(maker):
+    ps = [nn.Parameter(t.clone()) for t in _tensors()]
+    opt = MAKERS[maker](ps)
+    _set_grads(ps, 0)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    for twin in (copy.deepcopy(opt), torch.load(buf, weights_only=False)):
+        qs = twin.param_groups[0]["params"]
+        for p, q in zip(ps, qs):
+            q.grad = p.grad.clone()
+        twin.step()
+        assert [float(twin.state[q]["step"]) for q in qs] == [2] * len(qs)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("cls", ["lamb", "lars"])
 def test_lr_scheduler_drives_the_lr(cls, impl):
