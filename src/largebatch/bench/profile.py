@@ -4,10 +4,12 @@ Hardware counters are not readable on the VMs this runs on (``perf`` reports the
 the profile is made of timings that separate the three possible limits:
 
 - **memory traffic** — each pass timed alone over the whole set (every tensor's pass 1, then every
-  tensor's pass 2, which then reads from memory: "cold"), divided into the bytes it must move
-  (``PASS_BYTES``) → GB/s, beside the probe's bandwidth and fused AdamW's own GB/s;
+  tensor's pass 2, which then reads x from memory: "cold"), divided into the bytes it must move
+  (``PASS_BYTES``) → GB/s, beside the probe's bandwidth and fused AdamW's own GB/s. LAMB's pass 2 alone
+  is not all cold: every tensor's u sits at the start of the one scratch buffer, whose first megabytes stay
+  cached from tensor to tensor, so its time is a lower bound;
 - **cache reuse** — the real (fused) schedule runs pass 2 of a tensor right after its pass 1, backwards;
-  ``pass 1 + cold pass 2 − fused`` is the time the cache saved;
+  ``pass 1 + cold pass 2 − fused`` is the time the cache saved (for LAMB an underestimate, see above);
 - **arithmetic** — the same kernels on one thread over data that stays in L1/L2 (one 16,384-element
   tensor passed 64 times), in ns per element, beside fused AdamW's: if ``ns/element × params ÷ threads``
   approaches the step time, the step is compute-bound, not memory-bound.
@@ -154,7 +156,9 @@ def markdown(profiles: dict, compute: dict, bandwidth: float) -> str:
     """The profile section of results.md."""
     lines = ["\n## Profile: where our step's time goes\n",
              "Timed round-robin like the table above, on one set of tensors: each pass of the C kernel alone "
-             "over the whole set (pass 2 alone runs after every tensor's pass 1, so it reads from memory), the "
+             "over the whole set (pass 2 alone runs after every tensor's pass 1, so it reads x from memory; LAMB's "
+             "u comes from the start of the one scratch buffer, partly cached, so its pass 2 alone is a lower "
+             "bound and its cache saving an underestimate), the "
              "real fused schedule (pass 2 of a tensor right after its pass 1, backwards, from cache), and "
              "torch's `_fused_adamw_` on the same tensors; GB/s = the bytes the pass must move ÷ its time "
              f"(probe: {bandwidth:.1f} GB/s).\n"]

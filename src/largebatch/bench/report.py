@@ -17,7 +17,7 @@ def markdown(summary: dict) -> str:
              (f"{env['date']} · torch {env['torch']} · {env['threads']} threads · {env['cpu']} · "
              f"bandwidth probe {env['bandwidth_gbs']:.1f} GB/s (a += s·b) · load average before/after "
              f"{env['load_before']} / {env['load_after']} · {env['steps']} timed steps after {env['warmup']} warm-up, "
-             "round-robin, medians\n"),
+             "round-robin in a shuffled order, medians\n"),
              f"Command: `{env['command']}`\n"]
     for s in summary["sets"]:
         lines.append(f"\n## {s['set']}: {s['tensors']} tensors, {s['params_millions']:.1f} M parameters "

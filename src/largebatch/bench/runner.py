@@ -2,12 +2,16 @@
 
 Every optimizer gets fresh parameters of the same shapes with fixed random gradients (seed 0); after the
 warm-up steps, one step of each optimizer is timed in turn (``time.perf_counter``), so all share the machine's
-noise; medians and inter-quartile ranges are reported. Memory (see ``memory.py``) is measured in a separate
+noise; medians and inter-quartile ranges are reported. The order of each round is shuffled (seeded): in a
+fixed order an optimizer always ran right after the same predecessor, e.g. our Lars after the foreach Lamb,
+which frees 0.8 GB of temporaries (the kernel then returns pages while the next step runs), and that
+predecessor's cost showed up as a steady bias of one optimizer, not as noise shared by all. Memory (see ``memory.py``) is measured in a separate
 pass after the timing, since resetting the peak-RSS counter perturbs the step after it.
 """
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -56,8 +60,12 @@ def bench_set(shapes, factories: dict, *, steps: int, warmup: int, memory: bool 
             results[name].error = f"failed: {type(exc).__name__}: {exc}"
             opts.pop(name, None)
         gc.collect()
+    order = list(opts)
+    rng = random.Random(0)
     for _ in range(steps):  # round-robin: every optimizer sees the same machine noise
-        for name, opt in opts.items():
+        rng.shuffle(order)  # ... and no optimizer always follows the same one
+        for name in order:
+            opt = opts[name]
             t0 = time.perf_counter()
             opt.step()
             results[name].times.append(time.perf_counter() - t0)

@@ -9,7 +9,7 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default="bert-base,resnet50,many-small",
                    help="comma-separated sets: bert-base, resnet50, many-small, tiny")
-    p.add_argument("--steps", type=int, default=7, help="timed steps per optimizer (median reported)")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per optimizer (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--optimizers", help="comma-separated subset of names (default: all; see the table)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
