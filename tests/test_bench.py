@@ -14,6 +14,7 @@ def test_bench_tiny_writes_table_json_and_plot(tmp_path):
     assert rows["torch AdamW (fused)"]["ratio_to_fused_adamw"] == 1.0
     for name in ("largebatch Lamb", "largebatch Lars", "largebatch Lamb (foreach)"):
         assert rows[name]["median_ms"] > 0 and rows[name]["ratio_to_fused_adamw"] > 0
+        assert 0 < rows[name]["min_ms"] <= rows[name]["median_ms"] and rows[name]["ratio_min_to_fused_adamw"] > 0
     for r in rows.values():  # every peer is either measured or says why not
         assert r.get("median_ms") is not None or r["error"]
     assert data["environment"]["bandwidth_gbs"] > 0

@@ -17,19 +17,21 @@ def markdown(summary: dict) -> str:
              (f"{env['date']} · torch {env['torch']} · {env['threads']} threads · {env['cpu']} · "
              f"bandwidth probe {env['bandwidth_gbs']:.1f} GB/s (a += s·b) · load average before/after "
              f"{env['load_before']} / {env['load_after']} · {env['steps']} timed steps after {env['warmup']} warm-up, "
-             "round-robin in a shuffled order, medians\n"),
+             "round-robin in a shuffled order; medians, and the fastest step (least disturbed by the host)\n"),
              f"Command: `{env['command']}`\n"]
     for s in summary["sets"]:
         lines.append(f"\n## {s['set']}: {s['tensors']} tensors, {s['params_millions']:.1f} M parameters "
                      f"(largest tensor {s['largest_tensor_mib']:.1f} MiB; 28 B/param floor {s['bandwidth_floor_ms']:.1f} ms)\n")
-        lines.append("| optimizer | median ms | IQR ms | × fused AdamW | × bandwidth floor | peak extra MiB | extra / largest tensor |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        lines.append("| optimizer | median ms | IQR ms | × fused AdamW | min ms | × fused AdamW (min) "
+                     "| × bandwidth floor | peak extra MiB | extra / largest tensor |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in s["rows"]:
             if r.get("median_ms") is None:
-                lines.append(f"| {r['optimizer']} | {r['error']} | | | | | |")
+                lines.append(f"| {r['optimizer']} | {r['error']} | | | | | | | |")
                 continue
             lines.append(f"| {r['optimizer']} | {r['median_ms']:.1f} | {_fmt(r['iqr_ms'], '.1f')} | "
-                         f"{r['ratio_to_fused_adamw']:.2f} | {r['ratio_to_bandwidth_floor']:.2f} | "
+                         f"{r['ratio_to_fused_adamw']:.2f} | {_fmt(r.get('min_ms'), '.1f')} | "
+                         f"{_fmt(r.get('ratio_min_to_fused_adamw'), '.2f')} | {r['ratio_to_bandwidth_floor']:.2f} | "
                          f"{_fmt(r['peak_extra_mib'], '.1f')} | {_fmt(r['peak_extra_vs_largest_tensor'], '.2f')} |")
     text = "\n".join(lines) + "\n"
     prof = summary.get("profile") or {}
