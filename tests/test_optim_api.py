@@ -166,6 +166,33 @@ def test_state_dict_round_trip_continues_identically(maker, impl):
         else set(opt2.state[resumed[0]]) >= {"step", "momentum_buffer"}
 
 
+def test_foreach_buckets_split_by_element_budget():
+    from largebatch.optim._base import foreach_buckets
+
+    assert foreach_buckets([4, 4, 4, 10, 1, 1], budget=8) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6)]
+    assert foreach_buckets([3, 3], budget=100) == [range(0, 2)]
+    assert foreach_buckets([], budget=8) == []
+
+
+@pytest.mark.parametrize("maker", MAKERS)
+def test_foreach_buckets_change_nothing(maker, monkeypatch):
+    """The foreach path runs over buckets of tensors to bound its temporaries: same result, bit for bit."""
+    from largebatch.optim import _base
+
+    results = []
+    for budget in (1 << 26, 9):  # one bucket / one or two tensors per bucket
+        monkeypatch.setattr(_base, "FOREACH_BUCKET_ELEMENTS", budget)
+        ps = [nn.Parameter(t.clone()) for t in _tensors()]
+        opt = MAKERS[maker](ps, **IMPLS["foreach"])
+        for k in range(3):
+            _set_grads(ps, k)
+            opt.step()
+        results.append(([p.detach().clone() for p in ps], opt.telemetry_tensor()[1].clone()))
+    (a, ta), (b, tb) = results
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(ta, tb)
+
+
 @pytest.mark.parametrize("maker", ["lamb", "lars"])
 def test_step_counters_are_plain_scalars_advanced_in_one_op(maker, monkeypatch):
     ps = [nn.Parameter(t.clone()) for t in _tensors()]

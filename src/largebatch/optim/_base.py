@@ -14,6 +14,11 @@ from . import _kernel
 from .trust_ratio import PHI_CHOICES
 
 TRUST_RATIO_CHOICES = (True, False, "decayed")
+#: the foreach (multi-tensor, GPU) paths hold about two temporaries the size of the tensors they update
+#: (LAMB: u and its denominator); they run over buckets of tensors of at most this many elements in all
+#: (or one tensor, if larger), so a 1 B-parameter model needs 2 × 256 MiB of fp32 temporaries, not 8 GB.
+#: Ratios are per tensor, so the buckets change nothing in the result (tested).
+FOREACH_BUCKET_ELEMENTS = 1 << 26
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -395,6 +400,30 @@ class TrustRatioOptimizer(Optimizer):
             self._step_buffers[key] = buf
         buf.add_(1.0)
         return buf.double()
+
+
+def foreach_buckets(numels: Sequence[int], budget: int | None = None) -> list[range]:
+    """Consecutive index ranges whose element counts sum to at most ``budget`` (a larger tensor alone)."""
+    budget = FOREACH_BUCKET_ELEMENTS if budget is None else budget
+    out, start, total = [], 0, 0
+    for i, n in enumerate(numels):
+        if i > start and total + n > budget:
+            out.append(range(start, i))
+            start, total = i, 0
+        total += n
+    if start < len(numels):
+        out.append(range(start, len(numels)))
+    return out
+
+
+def run_in_buckets(fn: Callable[..., Tensor], lists: Sequence[list], rows: Sequence[Tensor], **kwargs) -> Tensor:
+    """``fn(*lists, *rows, **kwargs)`` over the buckets of ``foreach_buckets`` (``lists``: per-tensor lists,
+    ``lists[0]`` the parameters; ``rows``: tensors with one row per parameter); the [n, 3] results joined."""
+    buckets = foreach_buckets([t.numel() for t in lists[0]])
+    if len(buckets) == 1:
+        return fn(*lists, *rows, **kwargs)
+    return torch.cat([fn(*([seq[i] for i in b] for seq in lists), *(r[b.start:b.stop] for r in rows), **kwargs)
+                      for b in buckets])
 
 
 def _are_views(steps: list[Tensor], buf: Tensor) -> bool:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _kernel
-from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor
+from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
 from .trust_ratio import trust_ratio
 
 BIAS_CORRECTION_CHOICES = ("inside", "step_size", "none")
@@ -146,8 +146,11 @@ class Lamb(TrustRatioOptimizer):
         impl = self._choose_impl(group, [xs, grads, ms, vs],
                                  not sharded and self._kernel_eligible(group, xs, grads, ms, vs))
         fn = {"fused": _fused_lamb, "foreach": _multi_tensor_lamb, "single_tensor": _single_tensor_lamb}[impl]
-        return fn(xs, grads, ms, vs, coefs, trust, group, lr=lr, clip=clip, scratch=self._scratch,
-                  reduce_sq=lambda sq: self._reduce_sq_norms(sq, params), sharded=sharded)
+        kwargs = dict(lr=lr, clip=clip, scratch=self._scratch, sharded=sharded,
+                      reduce_sq=lambda sq: self._reduce_sq_norms(sq, params))
+        if impl == "foreach" and not sharded:  # bounded temporaries (sharded norms are reduced all at once)
+            return run_in_buckets(lambda *a, **k: fn(*a, group, **k), [xs, grads, ms, vs], [coefs, trust], **kwargs)
+        return fn(xs, grads, ms, vs, coefs, trust, group, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------- kernels

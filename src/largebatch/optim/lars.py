@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _kernel
-from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor
+from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
 from .lamb import _norm, _ratios
 from .trust_ratio import lars_2017_local_lr
 
@@ -87,8 +87,11 @@ class Lars(TrustRatioOptimizer):
         impl = self._choose_impl(group, [xs, grads, bufs],
                                  not sharded and self._kernel_eligible(group, xs, grads, bufs))
         fn = {"fused": _fused_lars, "foreach": _multi_tensor_lars, "single_tensor": _single_tensor_lars}[impl]
-        return fn(xs, grads, bufs, trust, group, lr=float(group["lr"]), clip=clip,
-                  reduce_sq=lambda sq: self._reduce_sq_norms(sq, params), sharded=sharded)
+        kwargs = dict(lr=float(group["lr"]), clip=clip, sharded=sharded,
+                      reduce_sq=lambda sq: self._reduce_sq_norms(sq, params))
+        if impl == "foreach" and not sharded:  # bounded temporaries (sharded norms are reduced all at once)
+            return run_in_buckets(lambda *a, **k: fn(*a, group, **k), [xs, grads, bufs], [trust], **kwargs)
+        return fn(xs, grads, bufs, trust, group, **kwargs)
 
 
 def _local_lrs(xn: Tensor, gn: Tensor, trust: Tensor, group: dict, lr: float) -> Tensor:
