@@ -5,8 +5,9 @@ warm-up steps, one step of each optimizer is timed in turn (``time.perf_counter`
 noise; medians and inter-quartile ranges are reported. The order of each round is shuffled (seeded): in a
 fixed order an optimizer always ran right after the same predecessor, e.g. our Lars after the foreach Lamb,
 which frees 0.8 GB of temporaries (the kernel then returns pages while the next step runs), and that
-predecessor's cost showed up as a steady bias of one optimizer, not as noise shared by all. Memory (see ``memory.py``) is measured in a separate
-pass after the timing, since resetting the peak-RSS counter perturbs the step after it.
+predecessor's cost showed up as a steady bias of one optimizer, not as noise shared by all. Memory (see
+``memory.py``) is measured in a separate pass after the timing, since resetting the peak-RSS counter perturbs
+the step after it.
 """
 from __future__ import annotations
 
