@@ -214,6 +214,20 @@ def test_step_counters_are_plain_scalars_advanced_in_one_op(maker, monkeypatch):
 
 
 @pytest.mark.parametrize("maker", ["lamb", "lars"])
+def test_step_counters_written_as_numbers_by_another_library_are_continued(maker):
+    ps = [nn.Parameter(t.clone()) for t in _tensors()]
+    opt = MAKERS[maker](ps)
+    _set_grads(ps, 0)
+    opt.step()
+    sd = opt.state_dict()
+    for i, s in sd["state"].items():
+        s["step"] = 4 + i  # plain ints / floats, as some libraries save them
+    opt.load_state_dict(sd)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in ps] == [5 + i for i in range(len(ps))]
+
+
+@pytest.mark.parametrize("maker", ["lamb", "lars"])
 def test_deepcopy_and_pickle_keep_a_working_optimizer(maker):
     ps = [nn.Parameter(t.clone()) for t in _tensors()]
     opt = MAKERS[maker](ps)

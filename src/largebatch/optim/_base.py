@@ -49,8 +49,13 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None 
         raise invalid(name, value, f"a number in {lo}{low}, {hi}")
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def local_tensor(t: Tensor) -> Tensor:
     """The shard this rank holds (FSDP2 parameters are DTensors); plain tensors pass through."""
+    if type(t) in _PLAIN:  # the common case, without a failing attribute lookup (it runs per tensor per step)
+        return t
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
 
@@ -199,14 +204,16 @@ class TrustRatioOptimizer(Optimizer):
                 buckets.setdefault((x.device, x.dtype), []).append(i)
             rows = []
             for idx in buckets.values():
-                sub = [params[i] for i in idx]
+                if len(buckets) == 1:  # the usual case: no copies of the lists
+                    sub, bucket_xs, bucket_grads, bucket_states = params, xs, grads, states
+                else:
+                    sub, bucket_xs, bucket_grads, bucket_states = (
+                        [seq[i] for i in idx] for seq in (params, xs, grads, states))
                 # sharded (DTensor) parameters: the norms of the local shards must be summed across ranks
                 # before any ratio is taken, which the per-tensor fused kernel cannot do
-                sharded = any(getattr(p, "placements", None) is not None for p in sub)
-                bucket_xs = [xs[i] for i in idx]
-                rows.append(self._step_group(group, sub, bucket_xs, [grads[i] for i in idx],
-                                             [states[i] for i in idx], clip=clip, sharded=sharded,
-                                             trust=trust_mask(group, len(idx), bucket_xs[0].device)))
+                sharded = any(type(p) not in _PLAIN and getattr(p, "placements", None) is not None for p in sub)
+                rows.append(self._step_group(group, sub, bucket_xs, bucket_grads, bucket_states, clip=clip,
+                                             sharded=sharded, trust=trust_mask(group, len(idx), bucket_xs[0].device)))
             if len(rows) == 1:
                 norms = rows[0]
             else:  # back to the group's order
@@ -341,7 +348,7 @@ class TrustRatioOptimizer(Optimizer):
         Returns (indices, params, xs, grads, states); ``xs`` are the tensors the update is written to.
         """
         indices, params, xs, grads, states = [], [], [], [], []
-        plain = (torch.Tensor, torch.nn.Parameter)  # fast path: no DTensor unwrapping to try
+        plain = _PLAIN  # fast path: no DTensor unwrapping to try
         for i, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
@@ -392,7 +399,7 @@ class TrustRatioOptimizer(Optimizer):
         key = id(states[0])
         buf = self._step_buffers.get(key)
         if buf is None or len(buf) != len(steps) or not _are_views(steps, buf):
-            buf = torch.stack([t.detach().to(device="cpu", dtype=torch.float32) for t in steps])
+            buf = torch.stack([torch.as_tensor(t).detach().to(device="cpu", dtype=torch.float32) for t in steps])
             for i, state in enumerate(states):
                 state["step"] = buf[i]
             if len(self._step_buffers) >= 64:  # parameter sets come and go: keep the cache small
@@ -427,10 +434,13 @@ def run_in_buckets(fn: Callable[..., Tensor], lists: Sequence[list], rows: Seque
 
 
 def _are_views(steps: list[Tensor], buf: Tensor) -> bool:
-    """Whether steps[i] is buf[i] for every i (same memory; ``buf`` is alive, so nothing else is there)."""
+    """Whether steps[i] is buf[i] for every i: the same address (``buf`` is alive, so only a view of it can
+    be there; we made those views 0-dim float32 and nothing else in the optimizer re-views them)."""
     base, size = buf.data_ptr(), buf.element_size()
-    return all(t.data_ptr() == base + i * size and t.dtype == buf.dtype and t.dim() == 0
-               for i, t in enumerate(steps))
+    try:
+        return [t.data_ptr() for t in steps] == list(range(base, base + size * len(steps), size))
+    except AttributeError:  # a plain number (a state_dict written by another library)
+        return False
 
 
 def trust_mask(group: dict[str, Any], n: int, device: torch.device) -> Tensor:

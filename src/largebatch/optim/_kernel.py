@@ -8,6 +8,7 @@ with a one-time warning. ``LARGEBATCH_NO_KERNEL=1`` disables the kernel.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import os
@@ -161,8 +162,13 @@ def unavailable_reason() -> str:
     return _error or ""
 
 
-def _pointers(tensors: list[Tensor]) -> Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+def _int64s(values) -> array.array:
+    """A C int64 array (``array`` converts 10,000 Python ints ~10x faster than ``torch.tensor``)."""
+    return array.array("q", values)
+
+
+def _address(a: array.array) -> int:
+    return a.buffer_info()[0]
 
 
 def scratch_elements(numels: list[int], nthreads: int) -> int:
@@ -174,14 +180,14 @@ def scratch_elements(numels: list[int], nthreads: int) -> int:
 
 
 def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper, scratch: Tensor | None,
-          phase: int, nthreads: int, ratios: Tensor | None = None) -> Tensor:
+          phase: int, nthreads: int, ratios: Tensor | None = None, numels: list[int] | None = None) -> Tensor:
     lib = library()
     assert lib is not None
     n = len(xs)
     suffix = "f64" if xs[0].dtype == torch.float64 else "f32"
-    px, pg, pm = _pointers(xs), _pointers(gs), _pointers(ms)
-    pv = _pointers(vs) if vs is not None else px
-    numel = torch.tensor([t.numel() for t in xs], dtype=torch.int64)
+    px, pg, pm = (_int64s([t.data_ptr() for t in ts]) for ts in (xs, gs, ms))
+    pv = _int64s([t.data_ptr() for t in vs]) if vs is not None else px
+    numel = _int64s([t.numel() for t in xs] if numels is None else numels)
     trust_u8 = trust.to(torch.uint8).contiguous()
     if coefs is not None:
         coefs = coefs.to(torch.float64).contiguous()
@@ -192,7 +198,7 @@ def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper,
         out[:, 2] = ratios
     c_hyper = hyper.to_c()
     rc = getattr(lib, f"{name}_{suffix}")(
-        n, px.data_ptr(), pg.data_ptr(), pm.data_ptr(), pv.data_ptr(), numel.data_ptr(),
+        n, _address(px), _address(pg), _address(pm), _address(pv), _address(numel),
         coefs.data_ptr() if coefs is not None else None, trust_u8.data_ptr(), ctypes.addressof(c_hyper),
         out.data_ptr(), phase, nthreads,
         scratch.data_ptr() if scratch is not None else None, PAR_THRESHOLD)
@@ -202,7 +208,7 @@ def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper,
 
 
 def lamb_step(xs, gs, ms, vs, coefs: Tensor, trust: Tensor, hyper: LambHyper, scratch: Tensor, *,
-              phase: int = PHASE_FUSED, ratios: Tensor | None = None) -> Tensor:
+              phase: int = PHASE_FUSED, ratios: Tensor | None = None, numels: list[int] | None = None) -> Tensor:
     """One fused LAMB step over a list of tensors; returns [n, 3] float64 (‖x‖, ‖u‖, ratio).
 
     ``scratch``: at least :func:`scratch_elements` elements of the tensors' dtype. ``phase``
@@ -211,10 +217,11 @@ def lamb_step(xs, gs, ms, vs, coefs: Tensor, trust: Tensor, hyper: LambHyper, sc
     reads the scratch the last tensor's pass 1 left, so only PHASE_FUSED is a correct step).
     """
     nthreads = torch.get_num_threads()
-    need = scratch_elements([t.numel() for t in xs], nthreads)
+    numels = [t.numel() for t in xs] if numels is None else numels
+    need = scratch_elements(numels, nthreads)
     if scratch.numel() < need or scratch.dtype != xs[0].dtype:
         raise ValueError(f"scratch must hold {need} {xs[0].dtype} elements")
-    return _call("lb_lamb", xs, gs, ms, vs, coefs, trust, hyper, scratch, phase, nthreads, ratios)
+    return _call("lb_lamb", xs, gs, ms, vs, coefs, trust, hyper, scratch, phase, nthreads, ratios, numels)
 
 
 def lars_step(xs, gs, ms, trust: Tensor, hyper: LarsHyper, *, phase: int = PHASE_FUSED,

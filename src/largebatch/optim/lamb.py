@@ -287,6 +287,7 @@ def kernel_hyper(group: dict, *, lr: float, clip: float | None) -> _kernel.LambH
 def _fused_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
     """C kernel: per tensor, pass 1 updates m, v, writes u to the scratch and sums ‖x‖², ‖u‖²;
     pass 2 writes x. ``scratch(dtype, n)`` returns the optimizer's reusable buffer."""
-    need = _kernel.scratch_elements([x.numel() for x in xs], torch.get_num_threads())
+    numels = [x.numel() for x in xs]
+    need = _kernel.scratch_elements(numels, torch.get_num_threads())
     return _kernel.lamb_step(xs, grads, ms, vs, coefs, trust, kernel_hyper(group, lr=lr, clip=clip),
-                             scratch(xs[0].dtype, need))
+                             scratch(xs[0].dtype, need), numels=numels)
