@@ -73,8 +73,8 @@ static int cmp_desc(const void* a, const void* b, void* sizes) {
  * then pass 2 backwards (the chunks pass 1 touched last are the ones still in cache).
  * Each thread owns one contiguous run of chunks [c0, c1) for BOTH passes and runs pass 2 backwards
  * over its own run, so it starts on the data its own pass 1 left in its own caches. (An `omp for`
- * over the reversed range handed each thread the OTHER thread's chunks: on VMs whose two vCPUs sit
- * on different L3s that read the other core's dirty lines and cost 132 ms instead of 79 ms on BERT-base.)
+ * over the reversed range handed each thread the OTHER thread's chunks, whose dirty lines sit in the other
+ * core's caches: 132 ms instead of 79 ms on BERT-base on a 2-vCPU VM.)
  * PASS1 / PASS2 are statements over [lo, hi) of chunk k; RATIO an expression of out[0], out[1].
  * phase NORMS stops after the sums (out[0..1] = squared norms); phase APPLY reads the ratio from out[2]. */
 #define TWO_PASS_TENSOR(PASS1, RATIO, PASS2)                                                       \
