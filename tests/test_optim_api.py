@@ -213,12 +213,17 @@ def test_step_counters_are_plain_scalars_advanced_in_one_op(maker, monkeypatch):
     assert [float(sd["state"][i]["step"]) for i in range(len(ps))] == [3, 3, 2, 3, 3]
 
 
-@pytest.mark.parametrize("maker", ["lamb", "lars"])
-def test_step_counters_written_as_numbers_by_another_library_are_continued(maker):
+def _after_one_step(maker):
     ps = [nn.Parameter(t.clone()) for t in _tensors()]
     opt = MAKERS[maker](ps)
     _set_grads(ps, 0)
     opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("maker", ["lamb", "lars"])
+def test_step_counters_written_as_numbers_by_another_library_are_continued(maker):
+    ps, opt = _after_one_step(maker)
     sd = opt.state_dict()
     for i, s in sd["state"].items():
         s["step"] = 4 + i  # plain ints / floats, as some libraries save them
@@ -229,10 +234,7 @@ def test_step_counters_written_as_numbers_by_another_library_are_continued(maker
 
 @pytest.mark.parametrize("maker", ["lamb", "lars"])
 def test_deepcopy_and_pickle_keep_a_working_optimizer(maker):
-    ps = [nn.Parameter(t.clone()) for t in _tensors()]
-    opt = MAKERS[maker](ps)
-    _set_grads(ps, 0)
-    opt.step()
+    ps, opt = _after_one_step(maker)
     buf = io.BytesIO()
     torch.save(opt, buf)
     buf.seek(0)
