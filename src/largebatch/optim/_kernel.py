@@ -163,7 +163,7 @@ def unavailable_reason() -> str:
 
 
 def _int64s(values) -> array.array:
-    """A C int64 array (``array`` converts 10,000 Python ints ~10x faster than ``torch.tensor``)."""
+    """A C int64 array (``array`` converts 10,000 Python ints ~3x faster than ``torch.tensor``: 0.5 vs 1.6 ms)."""
     return array.array("q", values)
 
 
