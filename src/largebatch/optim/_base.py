@@ -423,14 +423,16 @@ def foreach_buckets(numels: Sequence[int], budget: int | None = None) -> list[ra
     return out
 
 
-def run_in_buckets(fn: Callable[..., Tensor], lists: Sequence[list], rows: Sequence[Tensor], **kwargs) -> Tensor:
-    """``fn(*lists, *rows, **kwargs)`` over the buckets of ``foreach_buckets`` (``lists``: per-tensor lists,
-    ``lists[0]`` the parameters; ``rows``: tensors with one row per parameter); the [n, 3] results joined."""
+def run_in_buckets(fn: Callable[..., Tensor], lists: Sequence[list], rows: Sequence[Tensor], *rest,
+                   **kwargs) -> Tensor:
+    """``fn(*lists, *rows, *rest, **kwargs)`` over the buckets of ``foreach_buckets`` (``lists``: per-tensor
+    lists, ``lists[0]`` the parameters; ``rows``: tensors with one row per parameter; ``rest`` passed as is);
+    the [n, 3] results joined."""
     buckets = foreach_buckets([t.numel() for t in lists[0]])
     if len(buckets) == 1:
-        return fn(*lists, *rows, **kwargs)
-    return torch.cat([fn(*([seq[i] for i in b] for seq in lists), *(r[b.start:b.stop] for r in rows), **kwargs)
-                      for b in buckets])
+        return fn(*lists, *rows, *rest, **kwargs)
+    return torch.cat([fn(*([seq[i] for i in b] for seq in lists), *(r[b.start:b.stop] for r in rows), *rest,
+                         **kwargs) for b in buckets])
 
 
 def _are_views(steps: list[Tensor], buf: Tensor) -> bool:

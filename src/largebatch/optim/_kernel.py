@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,18 +208,22 @@ def _call(name: str, xs, gs, ms, vs, coefs: Tensor | None, trust: Tensor, hyper,
     return out
 
 
-def lamb_step(xs, gs, ms, vs, coefs: Tensor, trust: Tensor, hyper: LambHyper, scratch: Tensor, *,
-              phase: int = PHASE_FUSED, ratios: Tensor | None = None, numels: list[int] | None = None) -> Tensor:
+def lamb_step(xs, gs, ms, vs, coefs: Tensor, trust: Tensor, hyper: LambHyper,
+              scratch: Tensor | Callable[[torch.dtype, int], Tensor], *, phase: int = PHASE_FUSED,
+              ratios: Tensor | None = None) -> Tensor:
     """One fused LAMB step over a list of tensors; returns [n, 3] float64 (‖x‖, ‖u‖, ratio).
 
-    ``scratch``: at least :func:`scratch_elements` elements of the tensors' dtype. ``phase``
+    ``scratch``: at least :func:`scratch_elements` elements of the tensors' dtype, or a function
+    ``(dtype, elements) -> buffer`` that provides them (the optimizers' reusable buffer). ``phase``
     PHASE_NORMS runs pass 1 only (returns the squared norms, writes m, v), PHASE_APPLY pass 2 only with
     the given ``ratios``: used by the benchmark's profile to time the passes one at a time (pass 2 then
     reads the scratch the last tensor's pass 1 left, so only PHASE_FUSED is a correct step).
     """
     nthreads = torch.get_num_threads()
-    numels = [t.numel() for t in xs] if numels is None else numels
+    numels = [t.numel() for t in xs]
     need = scratch_elements(numels, nthreads)
+    if callable(scratch):
+        scratch = scratch(xs[0].dtype, need)
     if scratch.numel() < need or scratch.dtype != xs[0].dtype:
         raise ValueError(f"scratch must hold {need} {xs[0].dtype} elements")
     return _call("lb_lamb", xs, gs, ms, vs, coefs, trust, hyper, scratch, phase, nthreads, ratios, numels)

@@ -149,7 +149,7 @@ class Lamb(TrustRatioOptimizer):
         kwargs = dict(lr=lr, clip=clip, scratch=self._scratch, sharded=sharded,
                       reduce_sq=lambda sq: self._reduce_sq_norms(sq, params))
         if impl == "foreach" and not sharded:  # bounded temporaries (sharded norms are reduced all at once)
-            return run_in_buckets(lambda *a, **k: fn(*a, group, **k), [xs, grads, ms, vs], [coefs, trust], **kwargs)
+            return run_in_buckets(fn, [xs, grads, ms, vs], [coefs, trust], group, **kwargs)
         return fn(xs, grads, ms, vs, coefs, trust, group, **kwargs)
 
 
@@ -287,7 +287,4 @@ def kernel_hyper(group: dict, *, lr: float, clip: float | None) -> _kernel.LambH
 def _fused_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
     """C kernel: per tensor, pass 1 updates m, v, writes u to the scratch and sums ‖x‖², ‖u‖²;
     pass 2 writes x. ``scratch(dtype, n)`` returns the optimizer's reusable buffer."""
-    numels = [x.numel() for x in xs]
-    need = _kernel.scratch_elements(numels, torch.get_num_threads())
-    return _kernel.lamb_step(xs, grads, ms, vs, coefs, trust, kernel_hyper(group, lr=lr, clip=clip),
-                             scratch(xs[0].dtype, need), numels=numels)
+    return _kernel.lamb_step(xs, grads, ms, vs, coefs, trust, kernel_hyper(group, lr=lr, clip=clip), scratch)

@@ -90,7 +90,7 @@ class Lars(TrustRatioOptimizer):
         kwargs = dict(lr=float(group["lr"]), clip=clip, sharded=sharded,
                       reduce_sq=lambda sq: self._reduce_sq_norms(sq, params))
         if impl == "foreach" and not sharded:  # bounded temporaries (sharded norms are reduced all at once)
-            return run_in_buckets(lambda *a, **k: fn(*a, group, **k), [xs, grads, bufs], [trust], **kwargs)
+            return run_in_buckets(fn, [xs, grads, bufs], [trust], group, **kwargs)
         return fn(xs, grads, bufs, trust, group, **kwargs)
 
 
