@@ -1,8 +1,6 @@
 """Tasks: real data + a model from a well-kept library + a metric, behind one small interface.
 
-A task exposes ``model``, ``train_size``, ``batch(indices, generator) -> dict``,
-``loss(model, batch) -> (summed loss, count)`` (a SUM and the number of samples / masked tokens, so that
-gradient accumulation can normalise by the true total) and ``evaluate(model, split) -> dict``.
+The interface (what the trainer may use) is written once, in :class:`largebatch.tasks.base.Task`.
 """
 from __future__ import annotations
 
