@@ -66,14 +66,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     if task is None:
         with D.main_first(ctx):  # rank 0 trains and caches the tokenizer first
             task = build_task(cfg.task, seed=cfg.seed, **cfg.task_options)
-    model = prepare_model(task.model, cfg.precision)
-    model.train()
     plan = build_run_plan(cfg, task)
-    train_model = D.wrap_model(model, ctx, cfg.strategy)
-    # after wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
-    optimizer = create_optimizer(cfg.optimizer, model, lr=plan.lr(0),
-                                 **{**optimizer_overrides(cfg.precision, cfg.optimizer), **cfg.optimizer_options})
-    stepper = Stepper(model, train_model, optimizer, ctx, precision=cfg.precision, nonfinite=cfg.nonfinite)
+    stepper = build_stepper(cfg, task, plan, ctx)
+    model, optimizer = stepper.model, stepper.optimizer
     start_step = R.restore(ckpt, stepper) if ckpt is not None else 0
     log = RunLog(out, enabled=ctx.is_main, resume_step=start_step if ckpt is not None else None,
                  start_step=start_step, total_steps=plan.total_steps, trust_every=cfg.trust_every,
@@ -116,6 +111,17 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
         finish(cfg, task, model, summary, out)
     D.shutdown(ctx)
     return summary
+
+
+def build_stepper(cfg: TrainConfig, task: Task, plan: RunPlan, ctx: D.DistContext) -> Stepper:
+    """The model in the run's precision, wrapped for the processes, and its optimizer at the plan's first LR."""
+    model = prepare_model(task.model, cfg.precision)
+    model.train()
+    train_model = D.wrap_model(model, ctx, cfg.strategy)
+    # after wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
+    optimizer = create_optimizer(cfg.optimizer, model, lr=plan.lr(0),
+                                 **{**optimizer_overrides(cfg.precision, cfg.optimizer), **cfg.optimizer_options})
+    return Stepper(model, train_model, optimizer, ctx, precision=cfg.precision, nonfinite=cfg.nonfinite)
 
 
 def enter_phase(task: Task, optimizer, plan: RunPlan, step: int, *, first: bool) -> None:
@@ -170,3 +176,12 @@ def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, summary: dict[s
     if cfg.plot:
         from ..plots import plot_runs
         plot_runs([out], out / "curves.png")
+
+
+def plan_phases(cfg: TrainConfig, task: Task) -> list:
+    """Temporary: study/runner.py (another helper's file) still calls this; it becomes
+    ``build_run_plan(cfg, task).total_steps`` there, and then this function goes."""
+    from types import SimpleNamespace
+
+    plan = build_run_plan(cfg, task)
+    return [SimpleNamespace(start=start, phase=ph) for start, ph in zip(plan.starts, plan.phases)]
