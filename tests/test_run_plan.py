@@ -93,3 +93,20 @@ def test_save_pretrained_is_called_at_the_end_of_a_run(tmp_path):
     loop.train(_cfg(tmp_path, steps=2, batch_size=8, micro_batch_size=8), task=task)
     saved = torch.load(tmp_path / "hf" / "model.pt")
     assert all(torch.equal(v, task.model.state_dict()[k]) for k, v in saved.items())
+
+
+def test_a_result_at_or_below_the_trivial_baseline_is_flagged(tmp_path):
+    class Scored(Regression):
+        def evaluate(self, model, split="test"):
+            return {**super().evaluate(model, split), "accuracy": 0.25}
+
+        def baseline(self):
+            return {"accuracy": 0.25, "loss": 1.0}
+
+    summary = loop.train(_cfg(tmp_path, steps=1, batch_size=8, micro_batch_size=8), task=Scored())
+    assert summary["baseline_accuracy"] == 0.25 and summary["at_or_below_baseline"] is True
+    assert "baseline_loss" not in summary  # lower is better for a loss: not compared
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["at_or_below_baseline"] is True
+    summary = loop.train(_cfg(tmp_path / "plain", steps=1, batch_size=8, micro_batch_size=8), task=Regression())
+    assert "at_or_below_baseline" not in summary  # no baseline, no flag

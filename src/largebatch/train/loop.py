@@ -37,7 +37,7 @@ from . import resume as R
 from .config import TrainConfig
 from .data import step_micro_batches
 from .evaluation import evaluate, is_due
-from .metrics_log import RunLog, tensorboard_writer_class, trust_summary
+from .metrics_log import RunLog, dumps, tensorboard_writer_class, trust_summary
 from .precision import optimizer_overrides, prepare_model
 from .run_plan import RunPlan, build_run_plan
 from .scheduling import ScheduledLR, reset_optimizer_state
@@ -65,7 +65,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     torch.manual_seed(cfg.seed)
     if task is None:
         with D.main_first(ctx):  # rank 0 trains and caches the tokenizer first
-            task = build_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+            task = build_task(cfg.task, seed=cfg.seed, **cfg.task_build_options())
     plan = build_run_plan(cfg, task)
     stepper = build_stepper(cfg, task, plan, ctx)
     model, optimizer = stepper.model, stepper.optimizer
@@ -105,8 +105,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     log.close()
     if plan.multi_phase:
         task.set_train_seq_len(None)
-    summary = {**summarize(cfg, plan, record, start_step, stepper.skipped, ctx.world_size),
-               **evaluate(task, model, "test")}
+    summary = summarize(cfg, plan, record, start_step, stepper.skipped, ctx.world_size)
+    summary.update({**evaluate(task, model, "test"), **compare_with_baseline(task, summary)})
     if ctx.is_main:
         finish(cfg, task, model, summary, out)
     D.shutdown(ctx)
@@ -163,13 +163,24 @@ def summarize(cfg: TrainConfig, plan: RunPlan, record: dict[str, Any], start_ste
     last = plan.phases[-1]
     return {"task": cfg.task, "optimizer": cfg.optimizer, "batch_size": last.batch_size, "lr": last.peak_lr,
             "world_size": world_size, "steps": record.get("step", start_step), "total_steps": plan.total_steps,
-            "final_loss": record.get("loss"), "diverged": bool(record.get("diverged")), "skipped_steps": skipped,
+            "final_loss": record.get("loss"), "skipped_steps": skipped,
+            # a run whose last loss is not finite failed, even when its last steps were skipped ones
+            "diverged": bool(record.get("diverged")) or not math.isfinite(record.get("loss", 0.0)),
             **{k: v for k, v in record.items() if k.startswith(cfg.eval_split)}}
+
+
+def compare_with_baseline(task: Task, summary: dict[str, Any]) -> dict[str, Any]:
+    """The task's trivial baseline beside the test result, and a flag when the result is not above it
+    (for each metric, higher is better; a loss is not compared)."""
+    baseline = {k: v for k, v in (task.baseline() if hasattr(task, "baseline") else {}).items() if k != "loss"}
+    below = [k for k, v in baseline.items() if summary.get(f"test_{k}") is not None and summary[f"test_{k}"] <= v]
+    return {**{f"baseline_{k}": v for k, v in baseline.items()},
+            **({"at_or_below_baseline": bool(below)} if baseline else {})}
 
 
 def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, summary: dict[str, Any], out: Path) -> None:
     """Main process, end of a run: summary.json, the task's ``save_pretrained`` export, the plot."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(dumps(summary, indent=2))
     save_pretrained = getattr(task, "save_pretrained", None)
     if save_pretrained is not None:
         save_pretrained(model, out / "hf")

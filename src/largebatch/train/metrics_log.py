@@ -2,12 +2,29 @@
 
 Only the main process writes; on the others :class:`RunLog` does nothing. On resume, records after the
 checkpoint's step are dropped first, so a resumed run's files equal a straight run's.
+
+The files are strict JSON (RFC 8259 has no NaN or Infinity): a non-finite number is written as ``null``
+and its key listed in the record's ``"nonfinite"`` field (:func:`strict_json`).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+
+def strict_json(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with each non-finite float replaced by ``None`` and its key listed under ``"nonfinite"``."""
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return record
+    return {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+
+
+def dumps(record: dict[str, Any], **kw) -> str:
+    """Strict JSON text of a record (see :func:`strict_json`)."""
+    return json.dumps(strict_json(record), allow_nan=False, **kw)
 
 
 def tensorboard_writer_class():
@@ -52,7 +69,7 @@ class JsonlLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps(record) + "\n")
 
 
 class RunLog:

@@ -21,7 +21,8 @@ from .step import Stepper
 #: settings that decide the trajectory: a resumed run must have the checkpoint's values to be bit-exact
 #: (micro_batch_size included: the MLM masks are drawn per micro-batch)
 TRAJECTORY_FIELDS = ("task", "task_options", "optimizer", "optimizer_options", "batch_size", "micro_batch_size",
-                     "lr", "warmup_steps", "epochs", "steps", "schedule", "power", "end_lr", "seed", "precision", "phases")
+                     "lr", "warmup_steps", "epochs", "steps", "schedule", "power", "end_lr", "seed", "precision", "phases",
+                     "data", "text_field", "label_field", "tokenizer", "model_config", "model_size", "model")
 
 
 def config_record(cfg: TrainConfig) -> dict[str, Any]:
