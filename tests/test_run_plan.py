@@ -34,8 +34,8 @@ class Regression(Task):
         return {"loss": float(((model(self.x) - self.y) ** 2).mean())}
 
 
-def _cfg(tmp_path, **kw):
-    return TrainConfig(**{"task": "regression", "optimizer": "lamb", "progress": False, "plot": False,
+def _cfg(tmp_path, **kw):  # the task object is passed to train(); the name must be a known task
+    return TrainConfig(**{"task": "mlm", "optimizer": "lamb", "progress": False, "plot": False,
                           "out": str(tmp_path), **kw})
 
 

@@ -88,7 +88,7 @@ class TrainConfig:
     precision: str = _f("fp32", "bf16: bf16 parameters, fp32 masters in Lamb/Lars; fp16: autocast + GradScaler")
     nonfinite: str = _f("skip", "non-finite gradients: skip the step, or raise (the run fails)")
     strategy: str = _f("ddp", "with several processes: ddp (replicated) or fsdp (FSDP2, sharded)")
-    phases: list[dict[str, Any]] | None = _f(
+    phases: list[Any] | None = _f(  # items checked by check_phase, with its messages
         None, "multi-phase run (config file only): a list of dicts with batch_size, lr, warmup_steps, steps or "
         "epochs, and optionally seq_len, micro_batch_size, power, end_lr, schedule, optimizer_state")
     progress: bool = _f(True, "progress bar")

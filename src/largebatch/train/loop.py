@@ -106,7 +106,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     if plan.multi_phase:
         task.set_train_seq_len(None)
     summary = summarize(cfg, plan, record, start_step, stepper.skipped, ctx.world_size)
-    summary.update({**evaluate(task, model, "test"), **compare_with_baseline(task, summary)})
+    summary.update(evaluate(task, model, "test"))
+    summary.update(compare_with_baseline(task, summary))
     if ctx.is_main:
         finish(cfg, task, model, summary, out)
     D.shutdown(ctx)
