@@ -87,8 +87,9 @@ def command_line_values(args: argparse.Namespace) -> dict[str, Any]:
     from largebatch.train.config import FIELDS
 
     values = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
-    values["optimizer_options"] = parse_kv(args.opt, "--opt")
-    values["task_options"] = parse_kv(args.task_opt, "--task-opt")
+    for key, items, flag in (("optimizer_options", args.opt, "--opt"), ("task_options", args.task_opt, "--task-opt")):
+        if items:
+            values[key] = parse_kv(items, flag)
     return values
 
 
@@ -97,7 +98,9 @@ def merge(*layers: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            out[key] = {**out.get(key, {}), **value} if key in MERGED and isinstance(value, dict) else value
+            below = out.get(key)
+            out[key] = {**below, **value} if key in MERGED and isinstance(below, dict) and isinstance(value, dict) \
+                else value
     return out
 
 
@@ -108,7 +111,7 @@ def build_config(args: argparse.Namespace):
     file_values = read_config_file(args.config) if args.config is not None else {}
     cli = command_line_values(args)
     task = cli.get("task", file_values.get("task", DEFAULT_TASK))
-    if task not in TASK_DEFAULTS:
+    if not isinstance(task, str) or task not in TASK_DEFAULTS:
         raise ValueError(f"Invalid task: {task!r} (allowed: {' | '.join(TASK_DEFAULTS)})")
     return make_config(merge({"task": task, "out": f"runs/{task}"}, TASK_DEFAULTS[task], file_values, cli))
 
