@@ -13,9 +13,9 @@ def _cli(*args, **kw):
 
 @pytest.mark.parametrize("args, reason", [
     (["train", "--batch-size", "0"], "Invalid batch_size: 0"),
-    (["train", "--optimizer", "nope"], "unknown optimizer 'nope'"),
+    (["train", "--optimizer", "nope"], "Invalid optimizer: 'nope' (allowed: lamb | lars"),
     (["train", "--lr", "abc"], "invalid float value"),
-    (["train", "--task", "speech"], "invalid choice"),
+    (["train", "--task", "speech"], "Invalid task: 'speech' (allowed: mlm | classify | image)"),
     (["train", "--micro-batch-size", "4096", "--batch-size", "64"], "micro_batch_size"),
     (["train", "--lr", "-1"], "Invalid lr"),
     (["train", "--opt", "phi"], "KEY=VALUE"),

@@ -1,19 +1,21 @@
-"""Learning-rate schedules as pure functions of the global step, LR-scaling rules, multi-phase plans.
+"""Learning-rate schedules as pure functions of the global step, LR-scaling rules, the phases of a run.
 
 Everything here is a plain function of integers and floats (no optimizer, no state), so a resumed run
-gets exactly the LR it would have had, and each piece has its own tests.
+gets exactly the LR it would have had, and each piece has its own tests. What writes the LR into an
+optimizer or resets its state at a phase boundary lives in ``largebatch.train.scheduling``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
-
-import torch
+from typing import Literal
 
 #: what happens to the optimizer state at a phase boundary (see :class:`Phase`)
 OptimizerStatePolicy = Literal["keep", "reset_step", "reset_moments", "reset"]
 OPTIMIZER_STATE_POLICIES = ("keep", "reset_step", "reset_moments", "reset")
+#: the LR shape within a phase: warmup then polynomial decay, or warmup then constant
+Schedule = Literal["poly", "constant"]
+SCHEDULES = ("poly", "constant")
 
 
 def _check_nonneg_int(name: str, value: int) -> None:
@@ -79,24 +81,11 @@ def steps_for_epochs(epochs: float, dataset_size: int, batch: int) -> int:
 
 
 @dataclass(frozen=True)
-class UntunedPlan:
-    """The paper's untuned scaling: √ LR, constant warmup steps, fixed epochs."""
-
-    batch: int
-    peak_lr: float
-    warmup_steps: int
-    total_steps: int
-
-
-def untuned_plan(*, base_lr: float, base_batch: int, batch: int, warmup_steps: int, epochs: float,
-                 dataset_size: int, rule: Literal["sqrt", "linear", "none"] = "sqrt") -> UntunedPlan:
-    total = steps_for_epochs(epochs, dataset_size, batch)
-    return UntunedPlan(batch, scale_lr(base_lr, base_batch, batch, rule), min(warmup_steps, total), total)
-
-
-@dataclass(frozen=True)
 class Phase:
-    """One phase of a multi-phase ("mixed batch") run, SPEC §4.
+    """One phase of a run (a plain run is one phase; several make a "mixed batch" run, docs/training.md).
+
+    Its LR warms up from 0 to ``peak_lr`` over ``warmup_steps``, then follows ``schedule`` over ``steps``.
+    ``micro_batch_size``: samples per forward/backward (``None``: the whole batch at once).
 
     ``optimizer_state``: what happens to the optimizer at the start of this phase:
     ``"keep"`` (m, v and step counters carry on), ``"reset_step"`` (keep m, v, restart the bias-correction
@@ -112,10 +101,14 @@ class Phase:
     power: float = 1.0
     end_lr: float = 0.0
     optimizer_state: OptimizerStatePolicy = "keep"
+    micro_batch_size: int | None = None
+    schedule: Schedule = "poly"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"Invalid phase: steps={self.steps}, batch_size={self.batch_size} (allowed: >= 1)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule: {self.schedule!r} (allowed: {' | '.join(repr(s) for s in SCHEDULES)})")
         if self.warmup_steps > self.steps:
             raise ValueError(f"Invalid phase warmup_steps: {self.warmup_steps} (allowed: <= steps = {self.steps})")
         if self.optimizer_state not in OPTIMIZER_STATE_POLICIES:
@@ -137,58 +130,11 @@ def phase_at(phases: list[Phase], step: int) -> tuple[int, int]:
 
 
 def multi_phase_lr(phases: list[Phase], step: int) -> float:
-    """Each phase warms up again from zero to its own peak, then decays over its own steps."""
+    """The LR of global ``step``: each phase warms up again from zero to its own peak, then follows its own
+    schedule over its own steps (past the last phase's end: its final LR)."""
     i, local = phase_at(phases, step)
     ph = phases[i]
+    if ph.schedule == "constant":
+        return constant(local, peak_lr=ph.peak_lr, warmup_steps=ph.warmup_steps)
     return warmup_poly_decay(local, peak_lr=ph.peak_lr, warmup_steps=ph.warmup_steps, total_steps=ph.steps,
                              power=ph.power, end_lr=ph.end_lr)
-
-
-def reset_optimizer_state(optimizer: torch.optim.Optimizer, mode: OptimizerStatePolicy) -> None:
-    """Apply a phase boundary's optimizer policy (see :class:`Phase`) in place.
-
-    Tensors are zeroed rather than dropped so the state keeps its keys and dtypes (fp32 masters of bf16
-    parameters are weights, not moments: they are never touched).
-    """
-    if mode not in OPTIMIZER_STATE_POLICIES:
-        raise ValueError(f"Invalid mode: {mode!r} (allowed: {' | '.join(repr(p) for p in OPTIMIZER_STATE_POLICIES)})")
-    if mode == "keep":
-        return
-    reset_step = mode in ("reset_step", "reset")
-    reset_moments = mode in ("reset_moments", "reset")
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if key == "master_param" or not torch.is_tensor(value):
-                continue
-            if key == "step" and reset_step or key != "step" and reset_moments:
-                value.zero_()
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Write the schedule's LR into every group (times the group's optional ``lr_scale``)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-class ScheduledLR:
-    """Drive any ``torch.optim.Optimizer`` from a pure function of the global step.
-
-    ``ScheduledLR(opt, lambda t: warmup_poly_decay(t, ...)).apply(step)`` before ``opt.step()``. Unlike
-    ``torch.optim.lr_scheduler`` it keeps no counter of its own: the LR of step t is ``lr_at(t)`` however
-    the run got there (resume, skipped steps), so there is no scheduler state to save. Groups with an
-    ``lr_scale`` entry keep their relative multiplier.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float]):
-        self.optimizer = optimizer
-        self.lr_at = lr_at
-        self.last_lr: float | None = None
-
-    def apply(self, step: int) -> float:
-        """Set every group's LR for global ``step`` (0-based) and return the schedule's value."""
-        lr = float(self.lr_at(step))
-        if not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"Invalid lr from the schedule at step {step}: {lr!r} (allowed: a finite number >= 0)")
-        set_lr(self.optimizer, lr)
-        self.last_lr = lr
-        return lr

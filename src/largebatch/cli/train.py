@@ -2,118 +2,140 @@
 
 With no arguments: a small BERT masked-LM on Shakespeare with LAMB at effective batch 256 (2 × 128 via
 exact accumulation), a few minutes on 2 cores, ending with held-out loss/accuracy and a plot.
-Any option can come from a YAML/JSON file (``--config``); command-line options override it.
+
+Every option is a field of :class:`largebatch.train.config.TrainConfig`: the flags below are generated from
+its fields (name, type, help, default), a ``--config`` YAML/JSON file may set any of them, and the values
+merge in one order, later layers winning: the config's defaults, the task's defaults (``TASK_DEFAULTS``),
+the file, the command line. Dict options (``task_options``, ``optimizer_options``) merge key by key.
+Everything is validated before any work; a bad value exits 2 with one line naming the option.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-# defaults per task (effective batch, micro-batch, peak LR, warmup, epochs); the CLI overrides them
-TASK_DEFAULTS = {
-    # 6 epochs: measured here, 373 steps in 2 min, held-out masked accuracy 14.4% (2 epochs: 7.8%, barely
-    # above the 7.05% of always guessing the most frequent token).
-    # dropout off: a model this small on ~1 M tokens underfits (it still improves at the last epoch), and
-    # dropout costs ~35% of the step time on CPU (measured: 1.67 s vs 2.57 s per 128-sequence micro-batch)
+# defaults per task (effective batch, micro-batch, peak LR, warmup, epochs); the file and the command line
+# override them. mlm: 6 epochs and no dropout, measured in docs/results (a model this small underfits).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlm": dict(batch_size=256, micro_batch_size=128, lr=0.015, warmup_steps=20, epochs=6.0, eval_every=25,
                 task_options={"dropout": 0.0}),
     "classify": dict(optimizer="adamw", batch_size=32, micro_batch_size=32, lr=1e-3, warmup_steps=10, epochs=3.0,
                      eval_every=20, task_options={"checkpoint": "runs/mlm"}),
     "image": dict(batch_size=1024, micro_batch_size=256, lr=0.02, warmup_steps=10, epochs=2.0, eval_every=25),
 }
-_FIELDS = ("optimizer", "batch_size", "micro_batch_size", "lr", "warmup_steps", "epochs", "steps", "schedule",
-           "power", "seed", "eval_every", "trust_every", "checkpoint_every", "out", "threads", "precision", "nonfinite", "strategy")
+DEFAULT_TASK = "mlm"
+#: fields set through their own flags rather than one flag each
+SPECIAL = ("task_options", "optimizer_options", "phases")
+MERGED = ("task_options", "optimizer_options")
+
+
+def default_text(name: str, base: Any) -> str:
+    """``default: X`` as the command runs it: the default task's value, then the other tasks' where they differ."""
+    def shown(task: str) -> Any:
+        return TASK_DEFAULTS[task].get(name, base) if name != "out" else f"runs/{task}"
+    def shown_or_unset(task: str) -> Any:
+        value = shown(task)
+        return "unset" if value is None else value
+    first = shown_or_unset(DEFAULT_TASK)
+    others = [f"{t}: {shown_or_unset(t)}" for t in TASK_DEFAULTS if t != DEFAULT_TASK and shown_or_unset(t) != first]
+    return f"default: {first}" + (f" ({', '.join(others)})" if others else "")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=["mlm", "classify", "image"], default=None, help="default: mlm")
-    p.add_argument("--optimizer", help="lamb | lars | adamw | sgd | a preset (see `largebatch presets`); default lamb")
-    p.add_argument("--batch-size", type=int, help="effective batch per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, help="samples per forward/backward (accumulation fills the rest)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--epochs", type=float, help="epoch budget (steps = ceil(epochs·N / batch))")
-    p.add_argument("--steps", type=int, help="number of optimizer steps (overrides --epochs)")
-    p.add_argument("--schedule", choices=["poly", "constant"])
-    p.add_argument("--power", type=float, help="polynomial decay power (1 = linear)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
-    p.add_argument("--trust-every", type=int, help="steps between per-tensor trust-ratio records (trust.jsonl)")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (always one at the end)")
-    p.add_argument("--out", help="run directory (metrics.jsonl, checkpoints, summary.json, curves.png)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    p.add_argument("--precision", choices=["fp32", "bf16-autocast", "bf16", "fp16"],
-                   help="bf16: bf16 parameters with fp32 master weights and moments in Lamb/Lars; "
-                        "fp16: autocast + GradScaler, unscaled before the trust ratio")
-    p.add_argument("--nonfinite", choices=["skip", "raise"], help="non-finite gradients: skip the step (default) or raise")
-    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun: DDP (default) or FSDP2 sharding")
+    from largebatch.train.config import DEFAULTS, FIELDS, choices_of, value_type
+
+    for name, info in FIELDS.items():
+        if name in SPECIAL:
+            continue
+        flag, kind = "--" + name.replace("_", "-"), value_type(name)
+        allowed = choices_of(name)
+        text = (info.description or "") + (f"; one of {' | '.join(allowed)}" if allowed else "")
+        help_text = f"{text} ({default_text(name, DEFAULTS[name] if name != 'task' else DEFAULT_TASK)})"
+        help_text = help_text.replace("%", "%%")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is list:
+            p.add_argument(flag, nargs="+", default=None, metavar="PATH", help=help_text)
+        else:
+            p.add_argument(flag, type=kind, default=None, help=help_text)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="optimizer flag, e.g. --opt phi=cap_ratio --opt weight_decay=0.01 (repeatable)")
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option, e.g. --task-opt hidden=256 (repeatable)")
-    p.add_argument("--config", type=Path, help="YAML or JSON file with any of the options above")
+                   help="task option, e.g. --task-opt hidden=256 (repeatable; mlm default: dropout=0.0)")
+    p.add_argument("--config", type=Path, help="YAML or JSON file with any of the options above, and phases")
     p.add_argument("--resume", help="checkpoint file or run directory to continue from")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log the metrics to <out>/tensorboard (needs: pip install 'largebatch[tensorboard]')")
 
 
-def _parse_kv(items: list[str], what: str) -> dict:
-    import yaml
+def parse_kv(items: list[str], what: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items, each value read as YAML (``3`` is an int, ``abc`` a string)."""
+    from largebatch.train.config import read_yaml
 
     out = {}
     for item in items:
-        if "=" not in item:
-            raise ValueError(f"{what} {item!r} must be KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"Invalid {what} {item!r} (allowed: KEY=VALUE)")
+        out[key.strip()] = read_yaml(value, f"{what} {key.strip()}")
+    return out
+
+
+def command_line_values(args: argparse.Namespace) -> dict[str, Any]:
+    """What the command line sets (flags left out set nothing)."""
+    from largebatch.train.config import FIELDS
+
+    values = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
+    for key, items, flag in (("optimizer_options", args.opt, "--opt"), ("task_options", args.task_opt, "--task-opt")):
+        if items:
+            values[key] = parse_kv(items, flag)
+    return values
+
+
+def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win; dict options merge key by key (a file's task_options keeps the task's defaults)."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            below = out.get(key)
+            out[key] = {**below, **value} if key in MERGED and isinstance(below, dict) and isinstance(value, dict) \
+                else value
     return out
 
 
 def build_config(args: argparse.Namespace):
-    from largebatch.train.loop import TrainConfig
+    """The run's config: config defaults < task defaults < ``--config`` file < command line."""
+    from largebatch.train.config import make_config, read_config_file
 
-    file_cfg: dict = {}
-    if args.config is not None:
-        if not args.config.exists():
-            raise ValueError(f"config file not found: {args.config}")
-        import yaml
+    file_values = read_config_file(args.config) if args.config is not None else {}
+    cli = command_line_values(args)
+    task = cli.get("task", file_values.get("task", DEFAULT_TASK))
+    if not isinstance(task, str) or task not in TASK_DEFAULTS:
+        raise ValueError(f"Invalid task: {task!r} (allowed: {' | '.join(TASK_DEFAULTS)})")
+    return make_config(merge({"task": task, "out": f"runs/{task}"}, TASK_DEFAULTS[task], file_values, cli))
 
-        file_cfg = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(file_cfg, dict):
-            raise ValueError(f"config file {args.config} must hold a mapping")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = set(file_cfg) - known
-        if unknown:
-            raise ValueError(f"unknown keys in {args.config}: {sorted(unknown)} (allowed: {sorted(known)})")
-    task = args.task or file_cfg.get("task", "mlm")
-    values = {"task": task, **TASK_DEFAULTS[task], "out": f"runs/{task}", **file_cfg}
-    for name in _FIELDS:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
-    values["optimizer_options"] = {**values.get("optimizer_options", {}), **_parse_kv(args.opt, "--opt")}
-    values["task_options"] = {**values.get("task_options", {}), **_parse_kv(args.task_opt, "--task-opt")}
-    if args.no_progress:
-        values["progress"] = False
-    if args.tensorboard:
-        values["tensorboard"] = True
-    return TrainConfig(**values)
+
+def check_before_work(cfg) -> None:
+    """Everything that can be checked before the task is built: the run directory, the task's options."""
+    from largebatch.tasks import check_task_options
+    from largebatch.train.config import check_run_dir
+
+    check_run_dir(cfg.out)
+    check_task_options(cfg.task, cfg.task_build_options())
+
+
+def error(message: str, status: int = 2) -> int:
+    print(f"largebatch train: error: {message}", file=sys.stderr)
+    return status
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
-        from largebatch.optim import optimizer_names
-
-        if cfg.optimizer.lower().replace("-", "_") not in optimizer_names():
-            raise ValueError(f"unknown optimizer {cfg.optimizer!r} (allowed: {', '.join(optimizer_names())})")
+        check_before_work(cfg)
     except (ValueError, TypeError) as exc:
-        print(f"largebatch train: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
     from largebatch.tasks import DataMissingError
     from largebatch.train.allocator import keep_freed_memory
     from largebatch.train.checkpoint import CheckpointError
@@ -122,18 +144,26 @@ def run(args: argparse.Namespace) -> int:
     keep_freed_memory()
     try:
         summary = train(cfg, resume=args.resume)
-    except (DataMissingError, CheckpointError, ImportError) as exc:
-        print(f"largebatch train: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as exc:  # invalid optimizer flags and the like
-        print(f"largebatch train: error: {exc}", file=sys.stderr)
-        return 2
-    print("\nsummary: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
-    metric = "accuracy"
-    if f"test_{metric}" in summary:
-        line = f"held-out test: loss {summary.get('test_loss', float('nan')):.4f}, accuracy {summary['test_accuracy']:.4f}"
-        if "test_unigram_accuracy" in summary:
-            line += f" (unigram baseline {summary['test_unigram_accuracy']:.4f})"
-        print(line)
-    print(f"run directory: {cfg.out}  (metrics.jsonl, summary.json, curves.png, checkpoints)")
+    except ModuleNotFoundError:
+        raise  # largebatch.cli.main names the extra to install
+    except (DataMissingError, CheckpointError, ImportError, ValueError, TypeError) as exc:
+        return error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except FloatingPointError as exc:  # --nonfinite raise
+        return error(str(exc), status=1)
+    report(summary, cfg.out)
     return 1 if summary.get("diverged") else 0
+
+
+def report(summary: dict[str, Any], out: str) -> None:
+    """The end of a run on the terminal: the summary, the held-out result against the baseline, the files."""
+    print("\nsummary: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
+    if "test_accuracy" in summary and summary["test_accuracy"] is not None:
+        line = f"held-out test: loss {summary.get('test_loss')}, accuracy {summary['test_accuracy']:.4f}"
+        if summary.get("baseline_accuracy") is not None:
+            line += f" (trivial baseline {summary['baseline_accuracy']:.4f})"
+        print(line)
+    if summary.get("at_or_below_baseline"):
+        print("warning: the result is at or below the task's trivial baseline (nothing was learnt)")
+    if summary.get("diverged"):
+        print("the run diverged (non-finite loss): exit status 1")
+    print(f"run directory: {out}  (metrics.jsonl, summary.json, curves.png, checkpoints)")

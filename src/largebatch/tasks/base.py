@@ -14,6 +14,22 @@ class DataMissingError(RuntimeError):
 
 
 class Task:
+    """What the trainer uses of a task, and nothing else (the trainer never reads a task's other attributes).
+
+    - ``model``: the ``nn.Module`` to train; ``train_size``: training samples at the current sequence length;
+    - ``batch(indices, generator)``: the training samples at ``indices`` (``generator``: the step's data
+      randomness, e.g. MLM masks);
+    - ``loss(model, batch) -> (summed loss, count)`` and ``count(batch)`` (known before the forward), so that
+      gradient accumulation normalises by the true total;
+    - ``evaluate(model, split) -> {metric: value}`` on a held-out split ("validation" | "test");
+    - ``set_train_seq_len(seq_len)`` (multi-phase runs), ``describe()`` (one line for the run's header);
+    - ``baseline()``: the metrics of a trivial predictor on the test split ({} when the task has none);
+    - optionally ``save_pretrained(model, directory)``: the trainer calls it into ``<out>/hf/`` at the end
+      of a run (a model and tokenizer that ``transformers``' ``from_pretrained`` can load).
+
+    Tasks never import the trainer.
+    """
+
     name: str = "task"
     model: nn.Module
     train_size: int
@@ -34,9 +50,16 @@ class Task:
 
     def set_train_seq_len(self, seq_len: int | None) -> int:
         """Train on sequences of ``seq_len`` tokens from now on (``None``: the task's own); returns the new
-        number of training samples. Only sequence tasks support it (multi-phase runs)."""
+        number of training samples. Only sequence tasks support a length (multi-phase runs)."""
+        if seq_len is None:
+            return self.train_size
         raise ValueError(f"Invalid seq_len for task {self.name!r}: {seq_len!r} (allowed: only tasks with "
                          "sequences, i.e. 'mlm', can change the sequence length between phases)")
+
+    def baseline(self) -> dict[str, float]:
+        """Test-split metrics of a trivial predictor (e.g. the majority class); a result at or below them is
+        flagged in the run's summary. ``{}``: the task has no baseline."""
+        return {}
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())

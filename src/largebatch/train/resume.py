@@ -1,0 +1,75 @@
+"""Checkpointing for the trainer: build a checkpoint's payload, restore one, refuse a mismatched resume.
+
+The file format (atomic writes, keeping the last few, the RNG state) is ``largebatch.train.checkpoint``;
+this module decides what goes in a payload. The step alone determines what comes next (data order, masks
+and LR are functions of it); the data position and LR are stored to make the file self-describing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from . import distributed as D
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import data_position
+from .run_plan import RunPlan
+from .step import Stepper
+
+#: settings that decide the trajectory: a resumed run must have the checkpoint's values to be bit-exact
+#: (micro_batch_size included: the MLM masks are drawn per micro-batch)
+TRAJECTORY_FIELDS = ("task", "task_options", "optimizer", "optimizer_options", "batch_size", "micro_batch_size",
+                     "lr", "warmup_steps", "epochs", "steps", "schedule", "power", "end_lr", "seed", "precision", "phases",
+                     "data", "text_field", "label_field", "tokenizer", "model_config", "model_size", "model")
+
+
+def config_record(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain JSON values (as written to config.json and into checkpoints)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: str) -> None:
+    """Refuse to resume with settings that would silently give another run than the checkpoint's."""
+    current = config_record(cfg)
+    differ = [f"{f}={current[f]!r} (checkpoint: {saved[f]!r})" for f in TRAJECTORY_FIELDS
+              if f in saved and saved[f] != current[f]]
+    if differ:
+        raise ValueError(f"cannot resume from {path} with different settings: {'; '.join(differ)}")
+
+
+def read_resume_checkpoint(cfg: TrainConfig, resume: str | None) -> dict[str, Any] | None:
+    """The checkpoint to resume from (``None``: a fresh run), checked against ``cfg`` before any work."""
+    if not resume:
+        return None
+    ckpt = load_checkpoint(resume)
+    if "config" in ckpt:
+        check_resume_config(cfg, ckpt["config"], ckpt["path"])
+    return ckpt
+
+
+def restore(ckpt: dict[str, Any], stepper: Stepper) -> int:
+    """Load a checkpoint into the model, optimizer, RNGs, GradScaler and skip count; returns its step.
+    Call after sharding: the full state is scattered to each rank's shards."""
+    D.load_full_state(stepper.model, stepper.optimizer, ckpt["model"], ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    stepper.skipped = int(ckpt.get("skipped_steps", 0))
+    if stepper.scaler is not None and "grad_scaler" in ckpt:
+        stepper.scaler.load_state_dict(ckpt["grad_scaler"])  # the loss scale is part of an exact resume
+    return int(ckpt["step"])
+
+
+def save(cfg: TrainConfig, plan: RunPlan, stepper: Stepper, step: int, out: Path) -> None:
+    """Checkpoint the state after global ``step`` (0-based). A collective under FSDP2: call on every rank."""
+    model_state, optim_state = D.full_state(stepper.model, stepper.optimizer)
+    if not stepper.ctx.is_main:
+        return
+    index, _ = plan.locate(step)
+    payload = {"step": step + 1, "model": model_state, "optimizer": optim_state, "rng": rng_state(),
+               "skipped_steps": stepper.skipped, "data_position": data_position(plan, cfg.seed, step),
+               "schedule": {"lr": plan.lr(step), "next_lr": plan.lr(step + 1), "total_steps": plan.total_steps,
+                            "phase": index},
+               **({"grad_scaler": stepper.scaler.state_dict()} if stepper.scaler is not None else {}),
+               "config": config_record(cfg)}
+    save_checkpoint(payload, out, step + 1, keep=cfg.keep_checkpoints)

@@ -1,0 +1,66 @@
+"""One optimizer step: accumulate the micro-batches' gradients, check them, step (or skip), zero.
+
+:class:`Stepper` holds what a step needs across steps: the (wrapped) model, the optimizer, the precision's
+autocast and GradScaler, and the count of skipped steps (non-finite gradients under ``nonfinite='skip'``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import distributed as D
+from .accumulation import accumulate_gradients
+from .precision import autocast, grad_scaler, grads_finite
+
+#: a run whose steps are all skipped for this many steps in a row is reported as diverged
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float      # mean loss over the effective batch, all processes
+    count: int       # what the loss is normalised by (samples; masked tokens for MLM)
+    finite: bool     # the gradients were finite and the optimizer stepped
+
+
+class Stepper:
+    def __init__(self, model: nn.Module, train_model: nn.Module, optimizer, ctx: D.DistContext, *,
+                 precision: str, nonfinite: str, skipped: int = 0):
+        self.model, self.train_model, self.optimizer, self.ctx = model, train_model, optimizer, ctx
+        self.no_sync = D.no_sync(train_model, ctx)
+        self.autocast = autocast(precision)
+        self.scaler = grad_scaler(precision)
+        self.nonfinite = nonfinite
+        self.skipped = skipped             # in the whole run (restored on resume)
+        self.consecutive_skips = 0
+
+    @property
+    def stuck(self) -> bool:
+        """Nothing but skipped steps for MAX_CONSECUTIVE_SKIPS steps: counted as a divergence."""
+        return self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS
+
+    def step(self, task, micro_batches: list[dict], step: int) -> StepResult:
+        """Train on one effective batch (this process's ``micro_batches``); ``step`` is 0-based."""
+        ctx, scaler = self.ctx, self.scaler
+        (total,) = D.all_reduce_sum([float(sum(task.count(b) for b in micro_batches))], ctx)
+        local_loss, _ = accumulate_gradients(
+            self.train_model, micro_batches, task.loss, count_fn=task.count, no_sync=self.no_sync,
+            autocast=self.autocast, total=int(total), scale=float(ctx.world_size),
+            backward=(lambda l: scaler.scale(l).backward()) if scaler else None)
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # true gradients before the trust ratio
+        (loss,) = D.all_reduce_sum([local_loss], ctx)
+        finite = not D.any_true(not grads_finite(self.model), ctx)
+        if finite:
+            (scaler.step(self.optimizer) if scaler is not None else self.optimizer.step())
+            self.consecutive_skips = 0
+        elif self.nonfinite == "raise":
+            raise FloatingPointError(f"non-finite gradients at step {step + 1} (policy nonfinite='raise')")
+        else:
+            self.skipped += 1  # the optimizer's step counters do not advance
+            self.consecutive_skips += 1
+        if scaler is not None:
+            scaler.update()  # lowers the scale after an overflow, raises it after a quiet stretch
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, int(total), finite)
