@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import largebatch
-from largebatch.optim import _kernel
+from largebatch.optim import kernel
 from largebatch.optim.presets import PRESETS
 
 FIXTURE = Path(__file__).with_name("data") / "trajectories.json"
@@ -119,7 +119,7 @@ def saved():
 
 @pytest.mark.parametrize("case,impl,dtype,large", list(all_cases()), ids=[_key(*c) for c in all_cases()])
 def test_trajectory_is_bit_identical(saved, case, impl, dtype, large):
-    if impl == "fused" and not _kernel.available():
+    if impl == "fused" and not kernel.available():
         pytest.skip("C kernel unavailable")
     want = saved[_key(case, impl, dtype, large)]
     got = trajectory(case, impl, dtype, large)

@@ -1,7 +1,7 @@
 """Optimizers: LAMB and LARS with every variant as a flag, presets, parameter groups."""
 from .factory import create_optimizer, optimizer_names
-from .lamb import Lamb, lamb_coefficients
-from .lars import Lars
+from .lamb import Lamb, LambHyper, lamb_coefficients
+from .lars import Lars, LarsHyper
 from .param_groups import bias_or_norm, describe_groups, is_1d, is_bias, is_norm, param_groups
 from .presets import PRESETS, Preset, describe_presets, get_preset
 from .trust_ratio import lars_2017_local_lr, trust_ratio

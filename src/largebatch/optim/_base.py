@@ -10,10 +10,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _kernel
-from .trust_ratio import PHI_CHOICES
-
-TRUST_RATIO_CHOICES = (True, False, "decayed")
+from . import kernel
+from .trust_ratio import PHI_CHOICES, TRUST_RATIO_CHOICES, trust_mask
 #: the foreach (multi-tensor, GPU) paths hold about two temporaries the size of the tensors they update
 #: (LAMB: u and its denominator); they run over buckets of tensors of at most this many elements in all
 #: (or one tensor, if larger), so a 1 B-parameter model needs 2 × 256 MiB of fp32 temporaries, not 8 GB.
@@ -212,8 +210,9 @@ class TrustRatioOptimizer(Optimizer):
                 # sharded (DTensor) parameters: the norms of the local shards must be summed across ranks
                 # before any ratio is taken, which the per-tensor fused kernel cannot do
                 sharded = any(type(p) not in _PLAIN and getattr(p, "placements", None) is not None for p in sub)
+                trust = trust_mask(group["trust_ratio"], group["weight_decay"], len(idx), bucket_xs[0].device)
                 rows.append(self._step_group(group, sub, bucket_xs, bucket_grads, bucket_states, clip=clip,
-                                             sharded=sharded, trust=trust_mask(group, len(idx), bucket_xs[0].device)))
+                                             sharded=sharded, trust=trust))
             if len(rows) == 1:
                 norms = rows[0]
             else:  # back to the group's order
@@ -310,10 +309,10 @@ class TrustRatioOptimizer(Optimizer):
         name = type(self).__name__
         if fused is None and foreach is None:
             if kernel_ok:
-                if _kernel.available():
+                if kernel.available():
                     return "fused"
                 self._warn_once("nokernel", f"{name}: the fast CPU kernel is unavailable "
-                                f"({_kernel.unavailable_reason()}); using the foreach path")
+                                f"({kernel.unavailable_reason()}); using the foreach path")
                 return "foreach"
             return "foreach" if tensors[0] and tensors[0][0].device.type != "cpu" else "single_tensor"
         if fused:
@@ -321,9 +320,9 @@ class TrustRatioOptimizer(Optimizer):
                 raise RuntimeError(
                     f"{name}(fused=True) needs contiguous float32/float64 CPU tensors without master weights "
                     "or sharding; pass fused=None to choose automatically")
-            if not _kernel.available():
+            if not kernel.available():
                 raise RuntimeError(f"{name}(fused=True): the CPU kernel is unavailable: "
-                                   f"{_kernel.unavailable_reason()}")
+                                   f"{kernel.unavailable_reason()}")
             return "fused"
         return "foreach" if foreach else "single_tensor"
 
@@ -443,10 +442,3 @@ def _are_views(steps: list[Tensor], buf: Tensor) -> bool:
         return [t.data_ptr() for t in steps] == list(range(base, base + size * len(steps), size))
     except AttributeError:  # a plain number (a state_dict written by another library)
         return False
-
-
-def trust_mask(group: dict[str, Any], n: int, device: torch.device) -> Tensor:
-    """Which tensors of the group get a trust ratio (True / False / only when weight decay ≠ 0)."""
-    mode = group["trust_ratio"]
-    on = mode is True or (mode == "decayed" and group["weight_decay"] != 0)
-    return torch.full((n,), on, dtype=torch.bool, device=device)
