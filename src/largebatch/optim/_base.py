@@ -390,7 +390,8 @@ class TrustRatioOptimizer(Optimizer):
 
         The counters ``state["step"]`` stay ordinary 0-dim float32 tensors (as in torch.optim), but
         views into one buffer per bucket, so the increment is one op: ``torch._foreach_add_`` over
-        10,000 scalar CPU tensors costs ~35 ms a step, as much as the LAMB arithmetic. Whenever one
+        thousands of scalar CPU tensors costs as much as the LAMB arithmetic (measured in
+        benchmarks/optimizer_step/README.md). Whenever one
         counter is not such a view (first step, a loaded ``state_dict``, another set of parameters
         with gradients) the buffer is rebuilt from their values.
         """
