@@ -2,6 +2,7 @@
 sharded norm reduction, implementation choice and per-tensor telemetry."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,7 +12,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernel
-from .trust_ratio import PHI_CHOICES, TRUST_RATIO_CHOICES, trust_mask
+from .trust_ratio import PHI_CHOICES, TRUST_RATIO_CHOICES, norm_dtype, trust_mask
+
+#: what step() does when a gradient holds NaN or ±inf (docs/algorithms.md, "Non-finite gradients")
+NONFINITE_CHOICES = ("skip", "raise", "propagate")
 #: the foreach (multi-tensor, GPU) paths hold about two temporaries the size of the tensors they update
 #: (LAMB: u and its denominator); they run over buckets of tensors of at most this many elements in all
 #: (or one tensor, if larger), so a 1 B-parameter model needs 2 × 256 MiB of fp32 temporaries, not 8 GB.
@@ -40,7 +44,7 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: {value!r} (allowed: a real number)")
     ok_low = value >= low if low_inclusive else value > low
-    ok_high = high is None or (value <= high if high_inclusive else value < high)
+    ok_high = value < math.inf if high is None else (value <= high if high_inclusive else value < high)
     if not (ok_low and ok_high) or value != value:
         lo = "[" if low_inclusive else "("
         hi = "inf)" if high is None else (f"{high}]" if high_inclusive else f"{high})")
@@ -88,6 +92,7 @@ class TrustRatioOptimizer(Optimizer):
         self._warned: set[str] = set()
         self._scratch_buffers: dict[torch.dtype, Tensor] = {}
         self._step_buffers: dict[int, Tensor] = {}  # see _advance_steps
+        self.last_step_skipped = False  # the last step() met a non-finite gradient and updated nothing
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -116,6 +121,11 @@ class TrustRatioOptimizer(Optimizer):
         if group["foreach"] and group["fused"]:
             raise invalid("foreach/fused", (True, True), "at most one of them True")
         check_choice("master_weights", group["master_weights"], (True, False))
+        check_choice("nonfinite", group["nonfinite"], NONFINITE_CHOICES)
+        if group["nonfinite"] != self.defaults["nonfinite"]:
+            raise invalid("nonfinite", group["nonfinite"],
+                          f"only the optimizer-wide value {self.defaults['nonfinite']!r} in every param group "
+                          "(a skipped step skips every group)")
         if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
             # NVLAMB pre-normalisation divides by ONE norm over all groups: a per-group value cannot be honoured
             raise invalid("max_grad_norm", group["max_grad_norm"],
@@ -129,6 +139,9 @@ class TrustRatioOptimizer(Optimizer):
         for p in group["params"]:
             if p.is_sparse:
                 raise TypeError(f"{type(self).__name__} does not support sparse parameters")
+            if p.is_complex():  # the trust ratio and v = E[g²] are defined for real tensors only
+                raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype}); "
+                                "optimise torch.view_as_real(p) instead")
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -190,7 +203,13 @@ class TrustRatioOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        clip = self._global_clip_coef()
+        clip, finite = self._global_grad_check()
+        # decided before anything is written, so a skipped step leaves params, moments and counters as they
+        # were; reading the flag is free on CPU and one host sync on an accelerator
+        self.last_step_skipped = False
+        if finite is not None and not bool(torch.isfinite(finite)):
+            self._nonfinite_step()
+            return loss
         for gi, group in enumerate(self.param_groups):
             indices, params, xs, grads, states = self._collect(group, self._init_state)
             if not params:
@@ -252,32 +271,54 @@ class TrustRatioOptimizer(Optimizer):
             return [names[i] for i in indices]
         return [f"group{gi}.{i}" for i in indices]
 
-    def _global_clip_coef(self) -> Tensor | None:
-        """NVLAMB pre-normalisation factor 1/max(1, ‖g‖_global / max_grad_norm), as a device tensor.
+    def _global_grad_check(self) -> tuple[Tensor | None, Tensor | None]:
+        """(NVLAMB pre-normalisation factor 1/max(1, ‖g‖_global/max_grad_norm) or None, a 0-dim tensor that
+        is finite exactly when every gradient is, or None with ``nonfinite="propagate"``), from ONE
+        reduction over every gradient of every group (sharded gradients are reduced across ranks).
 
-        The norm runs over every gradient of every group (sharded gradients are reduced across ranks).
+        With ``max_grad_norm`` both come from ‖g‖²_global (a norm that overflows counts as non-finite);
+        otherwise from the float64 sum of the max-|g| of each tensor, which cannot overflow; on contiguous
+        CPU float32/float64 gradients that is one call of the C kernel instead.
         """
-        max_norm = self.defaults.get("max_grad_norm")
-        if max_norm is None:
-            return None
+        max_norm, policy = self.defaults["max_grad_norm"], self.defaults["nonfinite"]
+        if max_norm is None and policy == "propagate":
+            return None, None
         grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
-            return None
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for t in grads:
-            by_kind.setdefault((t.device, t.dtype), []).append(t)
-        device = grads[0].device
-        sq = torch.zeros((), dtype=torch.float64, device=device)
-        for (_, dtype), ts in by_kind.items():
-            # accumulate in at least float32: bf16 norms would be off by up to 2^-9
-            norms = torch._foreach_norm(ts, 2, dtype=torch.promote_types(dtype, torch.float32))
-            sq = sq + torch.stack(norms).double().square().sum().to(device)
+            return None, None
+        if any(t.is_sparse for t in grads):
+            raise TypeError(f"{type(self).__name__} does not support sparse gradients")
         pg = next((sharded_group(p.grad) for g in self.param_groups for p in g["params"]
                    if p.grad is not None and sharded_group(p.grad) is not None), None)
+        if max_norm is None and pg is None:
+            first = kernel.first_nonfinite(grads) if kernel.available() else None
+            if first is not None:
+                return None, torch.tensor(0.0 if first < 0 else math.nan)
+        total = _sum_over(grads, squared=max_norm is not None)
         if pg is not None:
             import torch.distributed as dist
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pg)
-        return 1.0 / torch.clamp(sq.sqrt() / max_norm, min=1.0)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pg)
+        if max_norm is None:
+            return None, total
+        return 1.0 / torch.clamp(total.sqrt() / max_norm, min=1.0), total
+
+    def _nonfinite_step(self) -> None:
+        """A step with a non-finite gradient: raise naming the first tensor, or count the skipped step."""
+        if self.defaults["nonfinite"] == "raise":
+            for gi, group in enumerate(self.param_groups):
+                for i, p in enumerate(group["params"]):
+                    if p.grad is not None and not bool(torch.isfinite(local_tensor(p.grad)).all()):
+                        name = self._names(gi, group, [i])[0]
+                        raise FloatingPointError(f"{type(self).__name__}: non-finite gradient in {name} "
+                                                 "(nonfinite='raise'; nothing was updated)")
+        for group in self.param_groups:
+            group["skipped_steps"] = group.get("skipped_steps", 0) + 1
+        self.last_step_skipped = True
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (``nonfinite="skip"``); saved in the state_dict."""
+        return max((g.get("skipped_steps", 0) for g in self.param_groups), default=0)
 
     @staticmethod
     def _reduce_sq_norms(sq: Tensor, params: list[Tensor]) -> Tensor:
@@ -407,6 +448,22 @@ class TrustRatioOptimizer(Optimizer):
             self._step_buffers[key] = buf
         buf.add_(1.0)
         return buf.double()
+
+
+def _sum_over(grads: list[Tensor], *, squared: bool) -> Tensor:
+    """Σ‖g‖² (``squared``) or Σ max|g| over tensors of any dtypes and devices, as float64 on the first's."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in grads:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    device = grads[0].device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for (_, dtype), ts in by_kind.items():
+        if squared:  # accumulate in at least float32: bf16 norms would be off by up to 2^-9
+            norms = torch.stack(torch._foreach_norm(ts, 2, dtype=norm_dtype(dtype))).double().square()
+        else:
+            norms = torch.stack(torch._foreach_norm(ts, math.inf)).double()
+        total = total + norms.sum().to(device)
+    return total
 
 
 def foreach_buckets(numels: Sequence[int], budget: int | None = None) -> list[range]:

@@ -132,6 +132,10 @@ def load_library(source: Path = SOURCE, include_dirs: Sequence[Path] = ()) -> ct
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 9, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+    for name in ("lb_first_nonfinite_f32", "lb_first_nonfinite_f64"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     lib.lb_struct_layout.restype = ctypes.c_char_p
     lib.lb_struct_layout.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
     check_layout(lib)
@@ -182,6 +186,22 @@ def scratch_elements(numels: list[int], nthreads: int) -> int:
     large = max((n for n in numels if n >= PAR_THRESHOLD), default=0)
     small = max((n for n in numels if n < PAR_THRESHOLD), default=0)
     return max(large, nthreads * small)
+
+
+def first_nonfinite(ts: Sequence[Tensor], *, lib: ctypes.CDLL | None = None) -> int | None:
+    """Index of the first tensor holding a NaN or ±inf, -1 if none; None when the kernel cannot take
+    them (not all contiguous CPU tensors of one dtype, float32 or float64: use torch then)."""
+    dtype = ts[0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    for t in ts:
+        if not t.is_cpu or t.dtype != dtype or not t.is_contiguous():
+            return None
+    lib = lib or library()
+    suffix = "f64" if dtype == torch.float64 else "f32"
+    ptrs, numel = _int64s([t.data_ptr() for t in ts]), _int64s([t.numel() for t in ts])
+    return getattr(lib, f"lb_first_nonfinite_{suffix}")(len(ts), _address(ptrs), _address(numel),
+                                                          torch.get_num_threads(), PAR_THRESHOLD)
 
 
 def _call(lib: ctypes.CDLL | None, name: str, tensors: Sequence[Sequence[Tensor]], coefs: Tensor | None,

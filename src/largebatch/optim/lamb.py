@@ -146,6 +146,15 @@ class Lamb(TrustRatioOptimizer):
         master_weights: keep an fp32 copy of bf16/fp16 parameters in the state (``"master_param"``) and
             update that; the low-precision parameter is a rounded copy. Moments are fp32.
         foreach, fused: implementation choice (``None``: fastest available).
+        nonfinite: what ``step()`` does when any gradient holds a NaN or ±inf: ``"skip"`` (default: the
+            whole step is skipped — parameters, moments and step counters untouched — and counted in
+            :attr:`skipped_steps`, saved with the state), ``"raise"`` (``FloatingPointError`` naming the
+            first such tensor, nothing updated) or ``"propagate"`` (no check: torch AdamW's behaviour).
+            Why skip by default: a NaN that reaches the moments stays there for good (that tensor's trust
+            ratio is silently 1 from then on, and with ``max_grad_norm`` every tensor turns NaN), while a
+            skipped step is what mixed-precision loss scaling already does with overflowing steps and
+            costs one read of the gradients (none with ``max_grad_norm``, whose global norm decides it).
+            See docs/algorithms.md, "Non-finite gradients".
 
     ``step()`` never modifies ``p.grad``. Per-tensor ‖x‖, ‖u‖ and ratio of the last step:
     :meth:`telemetry`.
@@ -159,7 +168,7 @@ class Lamb(TrustRatioOptimizer):
                  phi_min: float | None = None, phi_max: float | None = None,
                  max_grad_norm: float | None = None, eps_inside_sqrt: bool = False,
                  grad_averaging: bool = True, nesterov: str | None = None, master_weights: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "skip"):
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_inclusive=False)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -167,7 +176,7 @@ class Lamb(TrustRatioOptimizer):
                         trust_ratio=trust_ratio, phi=phi, phi_min=phi_min, phi_max=phi_max,
                         max_grad_norm=max_grad_norm, eps_inside_sqrt=eps_inside_sqrt,
                         grad_averaging=grad_averaging, nesterov=nesterov, master_weights=master_weights,
-                        foreach=foreach, fused=fused)
+                        foreach=foreach, fused=fused, nonfinite=nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -80,7 +80,7 @@ class Lars(TrustRatioOptimizer):
         eps: ε in the 2017 local LR denominator.
         nesterov: paper mode: the direction is β1·m_t + (1−β1)·(g + λx); 2017 mode: Nesterov SGD.
         grad_averaging: paper mode m = β1·m + (1−β1)·d (True) or β1·m + d (False).
-        trust_ratio, phi, phi_min, phi_max, max_grad_norm, master_weights, foreach, fused: as in
+        trust_ratio, phi, phi_min, phi_max, max_grad_norm, master_weights, foreach, fused, nonfinite: as in
             :class:`largebatch.Lamb` (φ applies to the paper mode).
     """
 
@@ -91,14 +91,15 @@ class Lars(TrustRatioOptimizer):
                  eps: float = 1e-8, nesterov: bool = False, grad_averaging: bool = True,
                  trust_ratio: bool | str = True, phi: str = "identity", phi_min: float | None = None,
                  phi_max: float | None = None, max_grad_norm: float | None = None,
-                 master_weights: bool = False, foreach: bool | None = None, fused: bool | None = None):
+                 master_weights: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 nonfinite: str = "skip"):
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_inclusive=False)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, mode=mode,
                         trust_coefficient=trust_coefficient, larc_clip=larc_clip, eps=eps, nesterov=nesterov,
                         grad_averaging=grad_averaging, trust_ratio=trust_ratio, phi=phi, phi_min=phi_min,
                         phi_max=phi_max, max_grad_norm=max_grad_norm, master_weights=master_weights,
-                        foreach=foreach, fused=fused)
+                        foreach=foreach, fused=fused, nonfinite=nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -266,3 +266,39 @@ DRIVER(lb_lamb_f32, float, lamb_tensor_f32((float*)xs[i], (const float*)gs[i], (
 DRIVER(lb_lamb_f64, double, lamb_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], (double*)vs[i], scratch, numel[i], coefs + 5 * i, trust[i], (const LambHyper*)hyper, out + 3 * i, nt))
 DRIVER(lb_lars_f32, float, (void)scratch; lars_tensor_f32((float*)xs[i], (const float*)gs[i], (float*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, nt))
 DRIVER(lb_lars_f64, double, (void)scratch; lars_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, nt))
+
+/* ----------------------------------------------------------------------------- finiteness check */
+/* Index of the first tensor holding a NaN or +-inf, or -1: the optimizers' nonfinite policy, decided
+ * before anything is written. g - g is 0 for every finite g and NaN otherwise, so one sum per chunk
+ * tells (no branch in the loop, it vectorises). Large tensors are split over all threads. */
+#define DEFINE_NONFINITE(T, SUF)                                                                   \
+static int chunk_nonfinite_##SUF(const T* restrict g, int64_t lo, int64_t hi) {                   \
+    T acc = 0;                                                                                     \
+    _Pragma("omp simd reduction(+:acc)")                                                           \
+    for (int64_t i = lo; i < hi; i++) acc += g[i] - g[i];                                          \
+    return acc != acc;                                                                             \
+}                                                                                                  \
+                                                                                                   \
+int64_t lb_first_nonfinite_##SUF(int64_t n, void** gs, const int64_t* numel, int nthreads,        \
+                                 int64_t par_threshold) {                                          \
+    int64_t first_big = n, first_small = n;                                                        \
+    for (int64_t i = 0; i < n && first_big == n; i++) {                                            \
+        if (numel[i] < par_threshold) continue;                                                    \
+        const T* g = (const T*)gs[i];                                                              \
+        int64_t nch = (numel[i] + CHUNK - 1) / CHUNK;                                              \
+        int bad = 0;                                                                               \
+        _Pragma("omp parallel for reduction(|:bad) num_threads(nthreads)")                         \
+        for (int64_t k = 0; k < nch; k++)                                                          \
+            bad |= chunk_nonfinite_##SUF(g, k * CHUNK, k * CHUNK + CHUNK < numel[i] ? k * CHUNK + CHUNK : numel[i]); \
+        if (bad) first_big = i;                                                                    \
+    }                                                                                              \
+    _Pragma("omp parallel for schedule(dynamic, 16) reduction(min:first_small) num_threads(nthreads)") \
+    for (int64_t i = 0; i < n; i++)                                                                \
+        if (numel[i] < par_threshold && i < first_big && chunk_nonfinite_##SUF((const T*)gs[i], 0, numel[i])) \
+            first_small = i < first_small ? i : first_small;                                       \
+    int64_t first = first_big < first_small ? first_big : first_small;                             \
+    return first < n ? first : -1;                                                                 \
+}
+
+DEFINE_NONFINITE(float, f32)
+DEFINE_NONFINITE(double, f64)
