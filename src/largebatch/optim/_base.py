@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import kernel
+from . import kernel, state_checks
 from .trust_ratio import PHI_CHOICES, TRUST_RATIO_CHOICES, norm_dtype, trust_mask
 
 #: what step() does when a gradient holds NaN or ±inf (docs/algorithms.md, "Non-finite gradients")
@@ -78,8 +78,10 @@ class TrustRatioOptimizer(Optimizer):
     Subclasses implement ``_step_group`` for their maths; this class owns everything around it.
     """
 
-    #: state keys that must have the parameter's shape (checked on ``load_state_dict``)
-    _shaped_state_keys: tuple[str, ...] = ()
+    #: per-parameter state tensors besides ``step`` and ``master_param`` (checked on ``load_state_dict``)
+    _moment_keys: tuple[str, ...] = ()
+    #: param-group keys only this optimizer has: a saved group without them is another optimizer's
+    _signature_keys: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict[str, Any]):
         self._init_caches()
@@ -148,34 +150,37 @@ class TrustRatioOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Stock format; refuses a state_dict whose tensors do not fit this optimizer's parameters."""
+        """Stock format. Everything is checked first (:mod:`largebatch.optim.state_checks`), then loaded
+        all or nothing: a ValueError/TypeError names what is wrong and leaves the optimizer as it was."""
+        kind = type(self).__name__
         params = [p for g in self.param_groups for p in g["params"]]
-        saved_groups = state_dict.get("param_groups", [])
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        if len(saved_ids) != len(params) or len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Invalid state_dict: it holds {len(saved_ids)} parameters in {len(saved_groups)} groups, "
-                f"this optimizer has {len(params)} in {len(self.param_groups)} (a different model?)")
+        saved_groups, saved_ids, saved_state = state_checks.check_layout(state_dict, len(self.param_groups),
+                                                                         len(params))
+        groups = state_checks.filled_groups(saved_groups, self.param_groups, self.defaults, self._signature_keys,
+                                            kind, self._validate_group)
+        owner = [g for g in groups for _ in g["params"]]
+        for saved_id, p, group in zip(saved_ids, params, owner):
+            state_checks.check_param_state(saved_id, saved_state.get(saved_id, {}), p, group,
+                                           self._moment_keys, kind)
+        before = {"state": self.state, "param_groups": self.param_groups}
+        try:
+            super().load_state_dict({**state_dict, "param_groups": [
+                {**g, "params": saved["params"]} for g, saved in zip(groups, saved_groups)]})
+            self._restore_float32_state(saved_state, saved_ids, params)
+        except BaseException:
+            self.__setstate__(before)
+            raise
+
+    def _restore_float32_state(self, saved_state: dict, saved_ids: list, params: list[Tensor]) -> None:
+        """torch casts floating state to the parameter's dtype on load; with master weights the masters and
+        moments of a bf16 parameter are float32 and must come back bit for bit."""
         for saved_id, p in zip(saved_ids, params):
-            s = state_dict["state"].get(saved_id, {})
-            for key in self._shaped_state_keys:
-                t = s.get(key)
-                if t is not None and tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"Invalid state_dict: state[{saved_id}][{key!r}] has shape {tuple(t.shape)}, "
-                        f"the parameter has shape {tuple(p.shape)} (a different model?)")
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype on load; with master weights the masters and
-        # moments of a bf16 parameter are float32 and must come back bit for bit
-        for saved_id, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id, {})
+            saved = saved_state.get(saved_id, {})
             if "master_param" in saved:
                 state = self.state[p]
                 for key, value in saved.items():
                     if key != "step" and torch.is_tensor(value) and value.dtype != state[key].dtype:
                         state[key] = value.to(device=state[key].device, copy=True)
-        for group in self.param_groups:
-            self._validate_group(group)
 
     # ------------------------------------------------------------------ telemetry
     def telemetry(self) -> dict[str, dict[str, float]]:
@@ -300,7 +305,7 @@ class TrustRatioOptimizer(Optimizer):
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pg)
         if max_norm is None:
             return None, total
-        return 1.0 / torch.clamp(total.sqrt() / max_norm, min=1.0), total
+        return 1.0 / torch.clamp(total.sqrt() / max_norm, min=1.0), None if policy == "propagate" else total
 
     def _nonfinite_step(self) -> None:
         """A step with a non-finite gradient: raise naming the first tensor, or count the skipped step."""

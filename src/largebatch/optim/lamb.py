@@ -160,7 +160,8 @@ class Lamb(TrustRatioOptimizer):
     :meth:`telemetry`.
     """
 
-    _shaped_state_keys = ("exp_avg", "exp_avg_sq", "master_param")
+    _moment_keys = ("exp_avg", "exp_avg_sq")
+    _signature_keys = ("betas", "bias_correction", "weight_decay_mode", "trust_ratio")
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, *, bias_correction: str = "inside",

@@ -84,7 +84,8 @@ class Lars(TrustRatioOptimizer):
             :class:`largebatch.Lamb` (φ applies to the paper mode).
     """
 
-    _shaped_state_keys = ("momentum_buffer", "master_param")
+    _moment_keys = ("momentum_buffer",)
+    _signature_keys = ("momentum", "mode", "trust_coefficient", "trust_ratio")
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.01, *,
                  mode: str = "paper", trust_coefficient: float = 0.001, larc_clip: bool = False,
