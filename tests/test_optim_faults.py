@@ -228,3 +228,178 @@ def test_sparse_gradients_are_a_clear_type_error(cls, impl, max_grad_norm, nonfi
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="does not support sparse gradients"):
         opt.step()
+
+
+# ------------------------------------------------------------------ item 11: load_state_dict
+def _trained(cls, ps=None, **kw):
+    ps = ps if ps is not None else [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))]
+    opt = cls(ps, **kw)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return opt, ps
+
+
+def _assert_refused_untouched(opt, ps, sd, exc, match):
+    before = _snapshot(opt, ps)
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    with pytest.raises(exc, match=match):
+        opt.load_state_dict(sd)
+    _same(before, _snapshot(opt, ps))
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
+    for p in ps:  # still steps
+        p.grad = torch.ones_like(p)
+    opt.step()
+
+
+@pytest.mark.parametrize("src,dst,match", [
+    (largebatch.Lars, largebatch.Lamb, r"param_groups lack \['betas', 'bias_correction'.*not a Lamb state_dict"),
+    (largebatch.Lamb, largebatch.Lars, r"param_groups lack \['momentum', 'mode'.*not a Lars state_dict"),
+    (torch.optim.AdamW, largebatch.Lamb, r"param_groups lack \['bias_correction', 'weight_decay_mode'"),
+    (torch.optim.SGD, largebatch.Lars, r"param_groups lack \['mode', 'trust_coefficient', 'trust_ratio'\]"),
+])
+def test_another_optimizers_state_is_refused(src, dst, match):
+    sd = _trained(src)[0].state_dict()
+    opt, ps = _trained(dst)
+    _assert_refused_untouched(opt, ps, sd, ValueError, match)
+
+
+def test_another_optimizers_state_keys_are_refused_even_with_our_group_keys():
+    lamb_sd = _trained(largebatch.Lamb)[0].state_dict()
+    lars, ps = _trained(largebatch.Lars)
+    sd = copy.deepcopy(lars.state_dict())
+    sd["state"] = lamb_sd["state"]
+    _assert_refused_untouched(lars, ps, sd, ValueError, r"state\[0\] has keys \['exp_avg', 'exp_avg_sq'\] that a Lars")
+
+
+def test_unknown_ids_duplicate_ids_and_missing_keys_are_refused():
+    opt, ps = _trained(largebatch.Lamb)
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["state"][7] = bad["state"].pop(1)
+    _assert_refused_untouched(opt, ps, bad, ValueError, r"state for ids \[7\] that no param group holds")
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["params"] = [0, 0]
+    _assert_refused_untouched(opt, ps, bad, ValueError, "appears twice")
+    bad = copy.deepcopy(sd)
+    del bad["state"][0]["exp_avg_sq"]
+    _assert_refused_untouched(opt, ps, bad, ValueError, r"state\[0\] lacks \['exp_avg_sq'\]")
+
+
+def test_a_stray_master_param_is_refused():
+    opt, ps = _trained(largebatch.Lamb)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["master_param"] = torch.zeros(4, 3)  # fp32 params: it would overwrite the weights
+    _assert_refused_untouched(opt, ps, sd, ValueError, r"state\[0\] has a 'master_param' but the parameter is "
+                                                       r"torch.float32 with master_weights=False")
+    bf = [nn.Parameter(torch.randn(4, 3).bfloat16())]
+    opt, ps = _trained(largebatch.Lamb, bf, master_weights=True)
+    for value, exc, match in [(torch.zeros(3, 4), ValueError, r"'master_param'\] has shape \(3, 4\)"),
+                              (torch.zeros(4, 3, dtype=torch.float64), TypeError, "allowed: torch.float32"),
+                              (torch.full((4, 3), NAN), ValueError, "holds NaN or inf")]:
+        sd = copy.deepcopy(opt.state_dict())
+        sd["state"][0]["master_param"] = value
+        _assert_refused_untouched(opt, ps, sd, exc, match)
+
+
+@pytest.mark.parametrize("key,value,exc,match", [
+    ("exp_avg", NAN, ValueError, r"state\[1\]\['exp_avg'\] holds NaN or inf"),
+    ("exp_avg_sq", INF, ValueError, r"state\[1\]\['exp_avg_sq'\] holds NaN or inf"),
+    ("step", NAN, ValueError, r"state\[1\]\['step'\] = nan"),
+    ("step", -1.0, ValueError, r"state\[1\]\['step'\] = -1.0"),
+])
+def test_non_finite_moments_and_bad_counters_are_refused(key, value, exc, match):
+    opt, ps = _trained(largebatch.Lamb)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1][key] = torch.full_like(sd["state"][1][key], value)
+    _assert_refused_untouched(opt, ps, sd, exc, match)
+
+
+def test_an_invalid_hyperparameter_in_the_saved_groups_is_refused_before_loading():
+    opt, ps = _trained(largebatch.Lamb)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = INF
+    _assert_refused_untouched(opt, ps, sd, ValueError, r"Invalid lr: inf")
+
+
+# ------------------------------------------------------------------ fuzz: constructor and state dicts
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=3), st.just([1, 2]), st.just((0.9, 0.999)), st.just(torch.tensor(0.5)),
+                    st.just(torch.zeros(2)), st.sampled_from(["skip", "raise", "propagate", "decayed", "2017", "l2",
+                                                              "inside", "n-lamb", "clamp_norm", "identity"]))
+_LAMB_ARGS = ["lr", "betas", "eps", "weight_decay", "bias_correction", "weight_decay_mode", "trust_ratio", "phi",
+              "phi_min", "phi_max", "max_grad_norm", "eps_inside_sqrt", "grad_averaging", "nesterov",
+              "master_weights", "foreach", "fused", "nonfinite"]
+_LARS_ARGS = ["lr", "momentum", "weight_decay", "mode", "trust_coefficient", "larc_clip", "eps", "nesterov",
+              "grad_averaging", "trust_ratio", "phi", "phi_min", "phi_max", "max_grad_norm", "master_weights",
+              "foreach", "fused", "nonfinite"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(is_lamb=st.booleans(), data=st.data())
+def test_fuzz_constructor_arguments_build_and_step_or_raise_value_or_type_error(is_lamb, data):
+    cls, names = (largebatch.Lamb, _LAMB_ARGS) if is_lamb else (largebatch.Lars, _LARS_ARGS)
+    kwargs = data.draw(st.dictionaries(st.sampled_from(names), _VALUES, max_size=4))
+    p = nn.Parameter(torch.randn(3, 2))
+    try:
+        opt = cls([p], **kwargs)
+    except (ValueError, TypeError):
+        return
+    p.grad = torch.randn(3, 2)
+    try:
+        opt.step()
+    except RuntimeError as exc:  # the one documented refusal at step time: fused=True on tensors it cannot take
+        assert "fused=True" in str(exc)
+
+
+def _mutations():
+    keys = st.sampled_from(["exp_avg", "exp_avg_sq", "momentum_buffer", "step", "master_param", "bogus"])
+    value = st.one_of(_VALUES, st.sampled_from([torch.zeros(4, 3), torch.zeros(3), torch.zeros(4, 3, dtype=torch.int64),
+                                                torch.full((3,), NAN), torch.zeros(4, 3).bfloat16(), torch.tensor(2.0)]))
+    return st.lists(st.one_of(
+        st.tuples(st.just("state"), st.sampled_from([0, 1, 2, "x"]), keys, value),
+        st.tuples(st.just("drop_state"), st.sampled_from([0, 1, 2, "x"]), keys, st.none()),
+        st.tuples(st.just("group"), st.sampled_from([0, 1]), st.sampled_from(_LAMB_ARGS + _LARS_ARGS + ["params"]), value),
+        st.tuples(st.just("drop_group"), st.sampled_from([0, 1]), st.sampled_from(_LAMB_ARGS + _LARS_ARGS + ["params"]),
+                  st.none()),
+        st.tuples(st.just("top"), st.sampled_from(["state", "param_groups"]), st.none(), value),
+    ), min_size=1, max_size=3)
+
+
+def _mutate(sd, ops):
+    for kind, where, key, value in ops:
+        if kind != "top" and not (isinstance(sd["state"], dict) and isinstance(sd["param_groups"], list)
+                                  and all(isinstance(g, dict) for g in sd["param_groups"])):
+            continue  # a mutation of a part an earlier one replaced
+        if kind == "state" and isinstance(sd["state"].setdefault(where, {}), dict):
+            sd["state"][where][key] = value
+        elif kind == "drop_state" and isinstance(sd["state"].get(where), dict):
+            sd["state"][where].pop(key, None)
+        elif kind == "group":
+            sd["param_groups"][where % len(sd["param_groups"])][key] = value
+        elif kind == "drop_group":
+            sd["param_groups"][where % len(sd["param_groups"])].pop(key, None)
+        elif kind == "top":
+            sd[where] = value
+    return sd
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(src=st.sampled_from(["lamb", "lars", "adamw"]), dst=st.sampled_from(["lamb", "lars"]), ops=_mutations())
+def test_fuzz_mutated_state_dicts_load_or_raise_and_never_half_load(src, dst, ops):
+    classes = {"lamb": largebatch.Lamb, "lars": largebatch.Lars, "adamw": torch.optim.AdamW}
+    sd = _mutate(copy.deepcopy(_trained(classes[src], [nn.Parameter(torch.ones(4, 3)),
+                                                       nn.Parameter(torch.ones(3))])[0].state_dict()), ops)
+    opt, ps = _trained(classes[dst], [nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(3))])
+    before = _snapshot(opt, ps)
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    try:
+        opt.load_state_dict(sd)
+    except (ValueError, TypeError):
+        _same(before, _snapshot(opt, ps))
+        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
+        return
+    for p in ps:  # what loaded must step
+        p.grad = torch.ones_like(p)
+    opt.step()

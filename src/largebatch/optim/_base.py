@@ -288,13 +288,14 @@ class TrustRatioOptimizer(Optimizer):
         max_norm, policy = self.defaults["max_grad_norm"], self.defaults["nonfinite"]
         if max_norm is None and policy == "propagate":
             return None, None
-        grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        raw = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not raw:
             return None, None
+        plain = all(type(t) in _PLAIN for t in raw)  # the common case: no DTensor lookups per tensor
+        grads = raw if plain else [local_tensor(t) for t in raw]
         if any(t.is_sparse for t in grads):
             raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-        pg = next((sharded_group(p.grad) for g in self.param_groups for p in g["params"]
-                   if p.grad is not None and sharded_group(p.grad) is not None), None)
+        pg = None if plain else next((sharded_group(t) for t in raw if sharded_group(t) is not None), None)
         if max_norm is None and pg is None:
             first = kernel.first_nonfinite(grads) if kernel.available() else None
             if first is not None:

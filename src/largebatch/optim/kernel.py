@@ -135,7 +135,7 @@ def load_library(source: Path = SOURCE, include_dirs: Sequence[Path] = ()) -> ct
     for name in ("lb_first_nonfinite_f32", "lb_first_nonfinite_f64"):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.lb_struct_layout.restype = ctypes.c_char_p
     lib.lb_struct_layout.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
     check_layout(lib)
@@ -200,8 +200,11 @@ def first_nonfinite(ts: Sequence[Tensor], *, lib: ctypes.CDLL | None = None) -> 
     lib = lib or library()
     suffix = "f64" if dtype == torch.float64 else "f32"
     ptrs, numel = _int64s([t.data_ptr() for t in ts]), _int64s([t.numel() for t in ts])
-    return getattr(lib, f"lb_first_nonfinite_{suffix}")(len(ts), _address(ptrs), _address(numel),
-                                                          torch.get_num_threads(), PAR_THRESHOLD)
+    first = getattr(lib, f"lb_first_nonfinite_{suffix}")(len(ts), _address(ptrs), _address(numel),
+                                                         torch.get_num_threads())
+    if first < -1:
+        raise MemoryError("largebatch kernel lb_first_nonfinite: out of memory")
+    return first
 
 
 def _call(lib: ctypes.CDLL | None, name: str, tensors: Sequence[Sequence[Tensor]], coefs: Tensor | None,

@@ -270,7 +270,8 @@ DRIVER(lb_lars_f64, double, (void)scratch; lars_tensor_f64((double*)xs[i], (cons
 /* ----------------------------------------------------------------------------- finiteness check */
 /* Index of the first tensor holding a NaN or +-inf, or -1: the optimizers' nonfinite policy, decided
  * before anything is written. g - g is 0 for every finite g and NaN otherwise, so one sum per chunk
- * tells (no branch in the loop, it vectorises). Large tensors are split over all threads. */
+ * tells (no branch in the loop, it vectorises). All chunks of all tensors are one work list in ONE
+ * parallel region (a region per tensor costs a wake-up of every thread per tensor). */
 #define DEFINE_NONFINITE(T, SUF)                                                                   \
 static int chunk_nonfinite_##SUF(const T* restrict g, int64_t lo, int64_t hi) {                   \
     T acc = 0;                                                                                     \
@@ -279,24 +280,20 @@ static int chunk_nonfinite_##SUF(const T* restrict g, int64_t lo, int64_t hi) { 
     return acc != acc;                                                                             \
 }                                                                                                  \
                                                                                                    \
-int64_t lb_first_nonfinite_##SUF(int64_t n, void** gs, const int64_t* numel, int nthreads,        \
-                                 int64_t par_threshold) {                                          \
-    int64_t first_big = n, first_small = n;                                                        \
-    for (int64_t i = 0; i < n && first_big == n; i++) {                                            \
-        if (numel[i] < par_threshold) continue;                                                    \
-        const T* g = (const T*)gs[i];                                                              \
-        int64_t nch = (numel[i] + CHUNK - 1) / CHUNK;                                              \
-        int bad = 0;                                                                               \
-        _Pragma("omp parallel for reduction(|:bad) num_threads(nthreads)")                         \
-        for (int64_t k = 0; k < nch; k++)                                                          \
-            bad |= chunk_nonfinite_##SUF(g, k * CHUNK, k * CHUNK + CHUNK < numel[i] ? k * CHUNK + CHUNK : numel[i]); \
-        if (bad) first_big = i;                                                                    \
+int64_t lb_first_nonfinite_##SUF(int64_t n, void** gs, const int64_t* numel, int nthreads) {      \
+    int64_t* start = (int64_t*)malloc(sizeof(int64_t) * (n + 1));  /* first chunk of each tensor */ \
+    if (!start) return -2;                                                                         \
+    int64_t total = 0, first = n;                                                                  \
+    for (int64_t i = 0; i < n; i++) { start[i] = total; total += (numel[i] + CHUNK - 1) / CHUNK; } \
+    start[n] = total;                                                                              \
+    _Pragma("omp parallel for schedule(dynamic, 4) reduction(min:first) num_threads(nthreads) if(total > 4)") \
+    for (int64_t k = 0; k < total; k++) {                                                          \
+        int64_t a = 0, b = n - 1;  /* the last tensor whose first chunk is <= k (skips empty ones) */ \
+        while (a < b) { int64_t mid = (a + b + 1) / 2; if (start[mid] <= k) a = mid; else b = mid - 1; } \
+        int64_t lo = (k - start[a]) * CHUNK, hi = lo + CHUNK < numel[a] ? lo + CHUNK : numel[a];   \
+        if (a < first && chunk_nonfinite_##SUF((const T*)gs[a], lo, hi)) first = a;               \
     }                                                                                              \
-    _Pragma("omp parallel for schedule(dynamic, 16) reduction(min:first_small) num_threads(nthreads)") \
-    for (int64_t i = 0; i < n; i++)                                                                \
-        if (numel[i] < par_threshold && i < first_big && chunk_nonfinite_##SUF((const T*)gs[i], 0, numel[i])) \
-            first_small = i < first_small ? i : first_small;                                       \
-    int64_t first = first_big < first_small ? first_big : first_small;                             \
+    free(start);                                                                                   \
     return first < n ? first : -1;                                                                 \
 }
 
