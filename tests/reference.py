@@ -1,6 +1,6 @@
 """Paper-literal float64 references of LAMB (Algorithm 2) and LARS (Algorithm 1) with every flag.
 
-Written from the equations in /work/shared/SPEC.md §1–3 (and the flag contract in the ``Lamb``/``Lars``
+Written from the equations in docs/algorithms.md ("LAMB", "LARS", "The trust ratio") (and the flag contract in the ``Lamb``/``Lars``
 docstrings), not from the implementation: plain Python loops over tensors, one line per equation, no
 in-place tricks, no fused or multi-tensor code. Slow on purpose. Each reference keeps its own state
 (per-tensor step counter and moments) and steps a list of float64 tensors given their gradients.
@@ -22,12 +22,12 @@ F64 = torch.float64
 
 
 def _norm(t: torch.Tensor) -> float:
-    """ℓ2 norm over the flattened tensor (SPEC: 'Norms are ℓ2 over the flattened tensor')."""
+    """ℓ2 norm over the flattened tensor (docs/algorithms.md: norms are ℓ2 over the flattened tensor)."""
     return math.sqrt(float((t.to(F64) ** 2).sum()))
 
 
 def phi_ratio(param_norm: float, update_norm: float, phi: str, phi_min, phi_max) -> float:
-    """φ(‖x‖)/‖u‖ with the zero-norm rule (SPEC §1): 1 when ‖x‖ == 0 or ‖u‖ == 0, checked on raw norms."""
+    """φ(‖x‖)/‖u‖ with the zero-norm rule (docs/algorithms.md, "The trust ratio"): 1 when ‖x‖ == 0 or ‖u‖ == 0, checked on raw norms."""
     if param_norm == 0.0 or update_norm == 0.0:
         return 1.0
 
@@ -50,7 +50,7 @@ def phi_ratio(param_norm: float, update_norm: float, phi: str, phi_min, phi_max)
 
 
 def _trust_on(trust_ratio, weight_decay: float) -> bool:
-    """trust_ratio=True: every tensor; False: none; "decayed": tensors whose group λ != 0 (SPEC §3)."""
+    """trust_ratio=True: every tensor; False: none; "decayed": tensors whose group λ != 0 (docs/algorithms.md, "The trust ratio")."""
     if trust_ratio == "decayed":
         return weight_decay != 0
     return bool(trust_ratio)
@@ -75,7 +75,7 @@ class _Reference:
         self.norms: dict[tuple[int, int], tuple[float, float, float]] = {}
 
     def _clip_factor(self, grads) -> float:
-        """NVLAMB pre-normalisation (SPEC §3): g ← g / max(1, G/max_grad_norm), G the global ℓ2 norm
+        """NVLAMB pre-normalisation (docs/algorithms.md, `max_grad_norm`): g ← g / max(1, G/max_grad_norm), G the global ℓ2 norm
         over ALL gradients of ALL groups, taken before any L2 decay is added."""
         max_norm = self.options["max_grad_norm"]
         if max_norm is None:
@@ -105,7 +105,7 @@ class _Reference:
 
 
 class ReferenceLamb(_Reference):
-    """LAMB, Algorithm 2 (SPEC §1) plus the variants of SPEC §3 as flags."""
+    """LAMB, Algorithm 2 plus the variants of docs/algorithms.md as flags."""
 
     defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction="inside",
                     weight_decay_mode="decoupled", trust_ratio=True, phi="identity", phi_min=None,
@@ -160,7 +160,7 @@ class ReferenceLamb(_Reference):
 
 
 class ReferenceLars(_Reference):
-    """LARS: Algorithm 1 of the 2020 paper (mode "paper", SPEC §2) and the 2017 / LARC form (mode "2017").
+    """LARS: Algorithm 1 of the 2020 paper (mode "paper") and the 2017 / LARC form (mode "2017").
 
     Paper:  d = g + λx;  m = β1 m + β3 d;  u = m  (nesterov: β1 m + β3 d);  x ← x − η ratio(x, u) u.
     2017:   d = g + λx;  local = tc‖x‖/(‖g‖ + λ‖x‖ + ε) (1 if ‖x‖ = 0 or ‖g‖ = 0; LARC: min(local/η, 1));

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from largebatch.bench import profile
-from largebatch.optim import _kernel
+from largebatch.optim import kernel
 
-pytestmark = pytest.mark.skipif(not _kernel.available(), reason="C kernel unavailable")
+pytestmark = pytest.mark.skipif(not kernel.available(), reason="C kernel unavailable")
 
 SHAPES = [(300, 1000), (70,), (5, 7), (1 << 18,)]  # one tensor above the parallel threshold
 
@@ -22,24 +22,30 @@ def test_lars_pass1_then_pass2_is_the_fused_step():
     hyper = profile._Problem(SHAPES).lars_hyper
     trust = torch.ones(len(SHAPES), dtype=torch.bool)
     a, b = _lars_problem(), _lars_problem()
-    fused = _kernel.lars_step(*a, trust, hyper)
-    sq = _kernel.lars_step(*b, trust, hyper, phase=_kernel.PHASE_NORMS)
-    assert torch.allclose(sq[:, :2].sqrt(), fused[:, :2], rtol=1e-12)
+    fused = kernel.lars_step(*a, trust, hyper, 1.0)
+    norms = profile.run_phase(kernel.lars_step, profile.PHASE_NORMS, xs=b[0], gs=b[1], ms=b[2], trust=trust,
+                              hyper=hyper, clip=1.0)
+    assert torch.equal(norms, fused)
     assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))  # pass 1 wrote the momentum
-    _kernel.lars_step(*b, trust, hyper, phase=_kernel.PHASE_APPLY, ratios=fused[:, 2])
+    profile.run_phase(kernel.lars_step, profile.PHASE_APPLY, fused[:, 2], xs=b[0], gs=b[1], ms=b[2], trust=trust,
+                      hyper=hyper, clip=1.0)
     for x, y in zip(a[0], b[0]):
         torch.testing.assert_close(x, y, rtol=1e-14, atol=0)
 
 
-def test_lamb_pass1_alone_returns_the_fused_squared_norms():
+def test_lamb_pass1_alone_returns_the_fused_norms():
     p, q = profile._Problem(SHAPES), profile._Problem(SHAPES)
-    hyper = p.lamb_hyper
-    fused = _kernel.lamb_step(p.xs, p.gs, p.ms, p.vs, p.coefs, p.trust, hyper, p.scratch)
-    sq = _kernel.lamb_step(q.xs, q.gs, q.ms, q.vs, q.coefs, q.trust, hyper, q.scratch, phase=_kernel.PHASE_NORMS)
-    torch.testing.assert_close(sq[:, :2].sqrt(), fused[:, :2], rtol=1e-6, atol=0)
+    fused = p.lamb(profile.PHASE_FUSED)
+    assert torch.equal(q.lamb(profile.PHASE_NORMS), fused)
     assert all(torch.equal(x, y) for x, y in zip(p.vs, q.vs))
     with pytest.raises(ValueError, match="needs the ratios"):
-        _kernel.lamb_step(q.xs, q.gs, q.ms, q.vs, q.coefs, q.trust, hyper, q.scratch, phase=_kernel.PHASE_APPLY)
+        profile.run_phase(kernel.lamb_step, profile.PHASE_APPLY)
+
+
+def test_the_shipped_step_is_the_profile_builds_fused_phase():
+    p, q = profile._Problem(SHAPES), profile._Problem(SHAPES)
+    fused = kernel.lamb_step(p.xs, p.gs, p.ms, p.vs, p.coefs, p.trust, p.lamb_hyper, 1.0, p.scratch)
+    assert torch.equal(q.lamb(profile.PHASE_FUSED), fused) and all(torch.equal(x, y) for x, y in zip(p.xs, q.xs))
 
 
 def test_profile_rows_and_markdown():

@@ -1,4 +1,4 @@
-"""Regression tests for the peer bugs SPEC §3 says must be impossible, the torch.optim contract
+"""Regression tests for the peer bugs the variants table in docs/algorithms.md makes impossible, the torch.optim contract
 (state_dict, schedulers, compile, telemetry), pinned error messages, param_groups, and convergence smoke tests."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _set_grads(ps, seed):
         p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
 
 
-# ------------------------------------------------------------------ SPEC §3 regressions
+# ------------------------------------------------------------------ peer-bug regressions (docs/algorithms.md)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("maker", MAKERS)
 @pytest.mark.parametrize("wd", [0.0, 0.01])

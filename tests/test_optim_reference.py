@@ -451,7 +451,7 @@ def test_lars_flag_combinations(mode, larc, nesterov, trust, phi, max_grad_norm,
 
 @pytest.mark.parametrize("cls, ref_cls", [(largebatch.Lamb, ReferenceLamb), (largebatch.Lars, ReferenceLars)])
 def test_class_defaults_are_the_papers(cls, ref_cls):
-    """The defaults ARE the paper's algorithm (SPEC §1–2): β=(0.9, 0.999), ε=1e-6 outside √, λ=0.01 decoupled
+    """The defaults ARE the paper's algorithm (docs/algorithms.md, "LAMB" and "LARS"): β=(0.9, 0.999), ε=1e-6 outside √, λ=0.01 decoupled
     inside the ratio, bias correction inside, φ = identity, ratio on every tensor; LARS Algorithm 1."""
     import inspect
 

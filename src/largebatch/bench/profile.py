@@ -16,15 +16,21 @@ the profile is made of timings that separate the three possible limits:
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from largebatch.optim import _kernel
-from largebatch.optim.lamb import kernel_hyper as lamb_kernel_hyper
-from largebatch.optim.lamb import lamb_coefficients
-from largebatch.optim.lars import kernel_hyper as lars_kernel_hyper
+from largebatch.optim import kernel
+from largebatch.optim.lamb import LambHyper, lamb_coefficients
+from largebatch.optim.lars import LarsHyper
+
+#: the shipped kernel with a switch to run one pass alone (``csrc/profile_kernels.c``)
+PROFILE_SOURCE = Path(__file__).with_name("csrc") / "profile_kernels.c"
+PHASE_FUSED, PHASE_NORMS, PHASE_APPLY = 0, 1, 2
 
 #: bytes each pass must move per fp32 parameter (reads + writes)
 PASS_BYTES = {
@@ -48,6 +54,32 @@ def _median_times(parts: dict, repeats: int) -> dict[str, float]:
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@functools.cache
+def profile_library() -> ctypes.CDLL:
+    """The profile's build of the kernel (compiled once, cached like the shipped one)."""
+    lib = kernel.load_library(PROFILE_SOURCE, include_dirs=[kernel.SOURCE.parent])
+    lib.lb_profile_set_phase.restype = None
+    lib.lb_profile_set_phase.argtypes = [ctypes.c_int]
+    return lib
+
+
+def run_phase(step, phase: int, ratios: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """``step(..., lib=, out=)`` (``kernel.lamb_step`` / ``lars_step``) with one pass alone or both.
+    PHASE_APPLY needs this step's ``ratios``; only PHASE_FUSED is a correct LAMB step."""
+    lib = profile_library()
+    out = None
+    if phase == PHASE_APPLY:
+        if ratios is None:
+            raise ValueError("phase APPLY needs the ratios")
+        out = torch.zeros((len(ratios), 3), dtype=torch.float64)
+        out[:, 2] = ratios
+    lib.lb_profile_set_phase(phase)
+    try:
+        return step(lib=lib, out=out, **kwargs)
+    finally:
+        lib.lb_profile_set_phase(PHASE_FUSED)
 
 
 #: the settings the benchmark's table times (see ``peers.optimizer_factories``)
@@ -81,24 +113,21 @@ class _Problem:
         self.n_params = sum(x.numel() for x in self.xs)
         self.trust = torch.ones(n, dtype=torch.bool)
         lamb_group, lars_group = _groups()
-        self.lamb_hyper = lamb_kernel_hyper(lamb_group, lr=LR, clip=None)
-        self.lars_hyper = lars_kernel_hyper(lars_group, lr=LR, clip=None)
-        beta1, beta2 = lamb_group["betas"]
-        self.coefs = lamb_coefficients(torch.ones(n), lr=LR, beta1=beta1, beta2=beta2,  # the first step's
-                                       bias_correction=lamb_group["bias_correction"],
-                                       nesterov=lamb_group["nesterov"], grad_averaging=lamb_group["grad_averaging"])
+        self.lamb_hyper = LambHyper.from_group(lamb_group)
+        self.lars_hyper = LarsHyper.from_group(lars_group)
+        self.coefs = lamb_coefficients(torch.ones(n), self.lamb_hyper)  # the first step's
         self.ratios = torch.ones(n, dtype=torch.float64)
-        need = _kernel.scratch_elements([x.numel() for x in self.xs], torch.get_num_threads())
+        need = kernel.scratch_elements([x.numel() for x in self.xs], torch.get_num_threads())
         self.scratch = torch.empty(need)
         self.steps = [torch.tensor(1.0) for _ in range(n)]
 
-    def lamb(self, phase: int) -> None:
-        _kernel.lamb_step(self.xs, self.gs, self.ms, self.vs, self.coefs, self.trust, self.lamb_hyper,
-                          self.scratch, phase=phase, ratios=self.ratios)
+    def lamb(self, phase: int) -> torch.Tensor:
+        return run_phase(kernel.lamb_step, phase, self.ratios, xs=self.xs, gs=self.gs, ms=self.ms, vs=self.vs,
+                         coefs=self.coefs, trust=self.trust, hyper=self.lamb_hyper, clip=1.0, scratch=self.scratch)
 
-    def lars(self, phase: int) -> None:
-        _kernel.lars_step(self.xs, self.gs, self.ms, self.trust, self.lars_hyper, phase=phase,
-                          ratios=self.ratios)
+    def lars(self, phase: int) -> torch.Tensor:
+        return run_phase(kernel.lars_step, phase, self.ratios, xs=self.xs, gs=self.gs, ms=self.ms,
+                         trust=self.trust, hyper=self.lars_hyper, clip=1.0)
 
     def adamw(self) -> None:
         torch._fused_adamw_(self.xs, self.gs, self.ms, self.vs, [], self.steps, lr=LR, beta1=0.9,
@@ -106,7 +135,7 @@ class _Problem:
 
 
 def _passes(p: _Problem, repeats: int) -> dict[str, float]:
-    f, n1, a2 = _kernel.PHASE_FUSED, _kernel.PHASE_NORMS, _kernel.PHASE_APPLY
+    f, n1, a2 = PHASE_FUSED, PHASE_NORMS, PHASE_APPLY
     return _median_times({
         "adamw": p.adamw,
         "lamb fused": lambda: p.lamb(f),
@@ -120,8 +149,8 @@ def _passes(p: _Problem, repeats: int) -> dict[str, float]:
 
 def profile_set(shapes, *, repeats: int = 5) -> dict:
     """Pass-by-pass timings of our kernels and fused AdamW on ``shapes`` (all threads), as a dict."""
-    if not _kernel.available():
-        return {"error": f"kernel unavailable: {_kernel.unavailable_reason()}"}
+    if not kernel.available():
+        return {"error": f"kernel unavailable: {kernel.unavailable_reason()}"}
     p = _Problem(shapes)
     t = _passes(p, repeats)
     n = p.n_params
@@ -140,8 +169,8 @@ def profile_set(shapes, *, repeats: int = 5) -> dict:
 
 def compute_cost(*, elements: int = 16_384, repeat: int = 64, repeats: int = 9) -> dict:
     """ns per element of each kernel on ONE thread with the data in L1/L2 (arithmetic, not memory)."""
-    if not _kernel.available():
-        return {"error": f"kernel unavailable: {_kernel.unavailable_reason()}"}
+    if not kernel.available():
+        return {"error": f"kernel unavailable: {kernel.unavailable_reason()}"}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

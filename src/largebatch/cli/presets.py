@@ -1,8 +1,10 @@
-"""``largebatch presets``: the preset table — which flags reproduce which library."""
+"""``largebatch presets``: the optimizer registry — every optimizer and preset, and what it reproduces."""
 from __future__ import annotations
 
 import argparse
 import json
+
+from largebatch.optim.registry import OPTIMIZERS, as_json, describe_optimizers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -10,16 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from largebatch.optim.presets import PRESETS, describe_presets
-
     if args.json:
-        table = {
-            name: {"optimizer": p.optimizer, "options": dict(p.options), "reproduces": p.reproduces,
-                   "notes": p.notes, "checked_against": p.checked_against,
-                   "groups": {k: getattr(v, "__name__", v) for k, v in p.groups.items()}}
-            for name, p in PRESETS.items()
-        }
-        print(json.dumps(table, indent=2))
+        print(json.dumps({name: as_json(info) for name, info in OPTIMIZERS.items()}, indent=2))
     else:
-        print(describe_presets())
+        print(describe_optimizers())
     return 0

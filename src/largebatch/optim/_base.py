@@ -2,6 +2,7 @@
 sharded norm reduction, implementation choice and per-tensor telemetry."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,10 +11,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _kernel
-from .trust_ratio import PHI_CHOICES
+from . import kernel, state_checks
+from .trust_ratio import PHI_CHOICES, TRUST_RATIO_CHOICES, norm_dtype, trust_mask
 
-TRUST_RATIO_CHOICES = (True, False, "decayed")
+#: what step() does when a gradient holds NaN or ±inf (docs/algorithms.md, "Non-finite gradients")
+NONFINITE_CHOICES = ("skip", "raise", "propagate")
 #: the foreach (multi-tensor, GPU) paths hold about two temporaries the size of the tensors they update
 #: (LAMB: u and its denominator); they run over buckets of tensors of at most this many elements in all
 #: (or one tensor, if larger), so a 1 B-parameter model needs 2 × 256 MiB of fp32 temporaries, not 8 GB.
@@ -42,7 +44,7 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: {value!r} (allowed: a real number)")
     ok_low = value >= low if low_inclusive else value > low
-    ok_high = high is None or (value <= high if high_inclusive else value < high)
+    ok_high = value < math.inf if high is None else (value <= high if high_inclusive else value < high)
     if not (ok_low and ok_high) or value != value:
         lo = "[" if low_inclusive else "("
         hi = "inf)" if high is None else (f"{high}]" if high_inclusive else f"{high})")
@@ -76,8 +78,10 @@ class TrustRatioOptimizer(Optimizer):
     Subclasses implement ``_step_group`` for their maths; this class owns everything around it.
     """
 
-    #: state keys that must have the parameter's shape (checked on ``load_state_dict``)
-    _shaped_state_keys: tuple[str, ...] = ()
+    #: per-parameter state tensors besides ``step`` and ``master_param`` (checked on ``load_state_dict``)
+    _moment_keys: tuple[str, ...] = ()
+    #: param-group keys only this optimizer has: a saved group without them is another optimizer's
+    _signature_keys: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict[str, Any]):
         self._init_caches()
@@ -90,6 +94,7 @@ class TrustRatioOptimizer(Optimizer):
         self._warned: set[str] = set()
         self._scratch_buffers: dict[torch.dtype, Tensor] = {}
         self._step_buffers: dict[int, Tensor] = {}  # see _advance_steps
+        self.last_step_skipped = False  # the last step() met a non-finite gradient and updated nothing
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -118,6 +123,11 @@ class TrustRatioOptimizer(Optimizer):
         if group["foreach"] and group["fused"]:
             raise invalid("foreach/fused", (True, True), "at most one of them True")
         check_choice("master_weights", group["master_weights"], (True, False))
+        check_choice("nonfinite", group["nonfinite"], NONFINITE_CHOICES)
+        if group["nonfinite"] != self.defaults["nonfinite"]:
+            raise invalid("nonfinite", group["nonfinite"],
+                          f"only the optimizer-wide value {self.defaults['nonfinite']!r} in every param group "
+                          "(a skipped step skips every group)")
         if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
             # NVLAMB pre-normalisation divides by ONE norm over all groups: a per-group value cannot be honoured
             raise invalid("max_grad_norm", group["max_grad_norm"],
@@ -131,40 +141,46 @@ class TrustRatioOptimizer(Optimizer):
         for p in group["params"]:
             if p.is_sparse:
                 raise TypeError(f"{type(self).__name__} does not support sparse parameters")
+            if p.is_complex():  # the trust ratio and v = E[g²] are defined for real tensors only
+                raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype}); "
+                                "optimise torch.view_as_real(p) instead")
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Stock format; refuses a state_dict whose tensors do not fit this optimizer's parameters."""
+        """Stock format. Everything is checked first (:mod:`largebatch.optim.state_checks`), then loaded
+        all or nothing: a ValueError/TypeError names what is wrong and leaves the optimizer as it was."""
+        kind = type(self).__name__
         params = [p for g in self.param_groups for p in g["params"]]
-        saved_groups = state_dict.get("param_groups", [])
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        if len(saved_ids) != len(params) or len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Invalid state_dict: it holds {len(saved_ids)} parameters in {len(saved_groups)} groups, "
-                f"this optimizer has {len(params)} in {len(self.param_groups)} (a different model?)")
+        saved_groups, saved_ids, saved_state = state_checks.check_layout(state_dict, len(self.param_groups),
+                                                                         len(params))
+        groups = state_checks.filled_groups(saved_groups, self.param_groups, self.defaults, self._signature_keys,
+                                            kind, self._validate_group)
+        owner = [g for g in groups for _ in g["params"]]
+        for saved_id, p, group in zip(saved_ids, params, owner):
+            state_checks.check_param_state(saved_id, saved_state.get(saved_id, {}), p, group,
+                                           self._moment_keys, kind)
+        before = {"state": self.state, "param_groups": self.param_groups}
+        try:
+            super().load_state_dict({**state_dict, "param_groups": [
+                {**g, "params": saved["params"]} for g, saved in zip(groups, saved_groups)]})
+            self._restore_float32_state(saved_state, saved_ids, params)
+        except BaseException:
+            self.__setstate__(before)
+            raise
+
+    def _restore_float32_state(self, saved_state: dict, saved_ids: list, params: list[Tensor]) -> None:
+        """torch casts floating state to the parameter's dtype on load; with master weights the masters and
+        moments of a bf16 parameter are float32 and must come back bit for bit."""
         for saved_id, p in zip(saved_ids, params):
-            s = state_dict["state"].get(saved_id, {})
-            for key in self._shaped_state_keys:
-                t = s.get(key)
-                if t is not None and tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"Invalid state_dict: state[{saved_id}][{key!r}] has shape {tuple(t.shape)}, "
-                        f"the parameter has shape {tuple(p.shape)} (a different model?)")
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype on load; with master weights the masters and
-        # moments of a bf16 parameter are float32 and must come back bit for bit
-        for saved_id, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id, {})
+            saved = saved_state.get(saved_id, {})
             if "master_param" in saved:
                 state = self.state[p]
                 for key, value in saved.items():
                     if key != "step" and torch.is_tensor(value) and value.dtype != state[key].dtype:
                         state[key] = value.to(device=state[key].device, copy=True)
-        for group in self.param_groups:
-            self._validate_group(group)
 
     # ------------------------------------------------------------------ telemetry
     def telemetry(self) -> dict[str, dict[str, float]]:
@@ -192,7 +208,13 @@ class TrustRatioOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        clip = self._global_clip_coef()
+        clip, finite = self._global_grad_check()
+        # decided before anything is written, so a skipped step leaves params, moments and counters as they
+        # were; reading the flag is free on CPU and one host sync on an accelerator
+        self.last_step_skipped = False
+        if finite is not None and not bool(torch.isfinite(finite)):
+            self._nonfinite_step()
+            return loss
         for gi, group in enumerate(self.param_groups):
             indices, params, xs, grads, states = self._collect(group, self._init_state)
             if not params:
@@ -212,8 +234,9 @@ class TrustRatioOptimizer(Optimizer):
                 # sharded (DTensor) parameters: the norms of the local shards must be summed across ranks
                 # before any ratio is taken, which the per-tensor fused kernel cannot do
                 sharded = any(type(p) not in _PLAIN and getattr(p, "placements", None) is not None for p in sub)
+                trust = trust_mask(group["trust_ratio"], group["weight_decay"], len(idx), bucket_xs[0].device)
                 rows.append(self._step_group(group, sub, bucket_xs, bucket_grads, bucket_states, clip=clip,
-                                             sharded=sharded, trust=trust_mask(group, len(idx), bucket_xs[0].device)))
+                                             sharded=sharded, trust=trust))
             if len(rows) == 1:
                 norms = rows[0]
             else:  # back to the group's order
@@ -253,32 +276,55 @@ class TrustRatioOptimizer(Optimizer):
             return [names[i] for i in indices]
         return [f"group{gi}.{i}" for i in indices]
 
-    def _global_clip_coef(self) -> Tensor | None:
-        """NVLAMB pre-normalisation factor 1/max(1, ‖g‖_global / max_grad_norm), as a device tensor.
+    def _global_grad_check(self) -> tuple[Tensor | None, Tensor | None]:
+        """(NVLAMB pre-normalisation factor 1/max(1, ‖g‖_global/max_grad_norm) or None, a 0-dim tensor that
+        is finite exactly when every gradient is, or None with ``nonfinite="propagate"``), from ONE
+        reduction over every gradient of every group (sharded gradients are reduced across ranks).
 
-        The norm runs over every gradient of every group (sharded gradients are reduced across ranks).
+        With ``max_grad_norm`` both come from ‖g‖²_global (a norm that overflows counts as non-finite);
+        otherwise from the float64 sum of the max-|g| of each tensor, which cannot overflow; on contiguous
+        CPU float32/float64 gradients that is one call of the C kernel instead.
         """
-        max_norm = self.defaults.get("max_grad_norm")
-        if max_norm is None:
-            return None
-        grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return None
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for t in grads:
-            by_kind.setdefault((t.device, t.dtype), []).append(t)
-        device = grads[0].device
-        sq = torch.zeros((), dtype=torch.float64, device=device)
-        for (_, dtype), ts in by_kind.items():
-            # accumulate in at least float32: bf16 norms would be off by up to 2^-9
-            norms = torch._foreach_norm(ts, 2, dtype=torch.promote_types(dtype, torch.float32))
-            sq = sq + torch.stack(norms).double().square().sum().to(device)
-        pg = next((sharded_group(p.grad) for g in self.param_groups for p in g["params"]
-                   if p.grad is not None and sharded_group(p.grad) is not None), None)
+        max_norm, policy = self.defaults["max_grad_norm"], self.defaults["nonfinite"]
+        if max_norm is None and policy == "propagate":
+            return None, None
+        raw = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not raw:
+            return None, None
+        plain = all(type(t) in _PLAIN for t in raw)  # the common case: no DTensor lookups per tensor
+        grads = raw if plain else [local_tensor(t) for t in raw]
+        if any(t.is_sparse for t in grads):
+            raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+        pg = None if plain else next((sharded_group(t) for t in raw if sharded_group(t) is not None), None)
+        if max_norm is None and pg is None:
+            first = kernel.first_nonfinite(grads) if kernel.available() else None
+            if first is not None:
+                return None, torch.tensor(0.0 if first < 0 else math.nan)
+        total = _sum_over(grads, squared=max_norm is not None)
         if pg is not None:
             import torch.distributed as dist
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pg)
-        return 1.0 / torch.clamp(sq.sqrt() / max_norm, min=1.0)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pg)
+        if max_norm is None:
+            return None, total
+        return 1.0 / torch.clamp(total.sqrt() / max_norm, min=1.0), None if policy == "propagate" else total
+
+    def _nonfinite_step(self) -> None:
+        """A step with a non-finite gradient: raise naming the first tensor, or count the skipped step."""
+        if self.defaults["nonfinite"] == "raise":
+            for gi, group in enumerate(self.param_groups):
+                for i, p in enumerate(group["params"]):
+                    if p.grad is not None and not bool(torch.isfinite(local_tensor(p.grad)).all()):
+                        name = self._names(gi, group, [i])[0]
+                        raise FloatingPointError(f"{type(self).__name__}: non-finite gradient in {name} "
+                                                 "(nonfinite='raise'; nothing was updated)")
+        for group in self.param_groups:
+            group["skipped_steps"] = group.get("skipped_steps", 0) + 1
+        self.last_step_skipped = True
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (``nonfinite="skip"``); saved in the state_dict."""
+        return max((g.get("skipped_steps", 0) for g in self.param_groups), default=0)
 
     @staticmethod
     def _reduce_sq_norms(sq: Tensor, params: list[Tensor]) -> Tensor:
@@ -310,10 +356,10 @@ class TrustRatioOptimizer(Optimizer):
         name = type(self).__name__
         if fused is None and foreach is None:
             if kernel_ok:
-                if _kernel.available():
+                if kernel.available():
                     return "fused"
                 self._warn_once("nokernel", f"{name}: the fast CPU kernel is unavailable "
-                                f"({_kernel.unavailable_reason()}); using the foreach path")
+                                f"({kernel.unavailable_reason()}); using the foreach path")
                 return "foreach"
             return "foreach" if tensors[0] and tensors[0][0].device.type != "cpu" else "single_tensor"
         if fused:
@@ -321,9 +367,9 @@ class TrustRatioOptimizer(Optimizer):
                 raise RuntimeError(
                     f"{name}(fused=True) needs contiguous float32/float64 CPU tensors without master weights "
                     "or sharding; pass fused=None to choose automatically")
-            if not _kernel.available():
+            if not kernel.available():
                 raise RuntimeError(f"{name}(fused=True): the CPU kernel is unavailable: "
-                                   f"{_kernel.unavailable_reason()}")
+                                   f"{kernel.unavailable_reason()}")
             return "fused"
         return "foreach" if foreach else "single_tensor"
 
@@ -391,7 +437,8 @@ class TrustRatioOptimizer(Optimizer):
 
         The counters ``state["step"]`` stay ordinary 0-dim float32 tensors (as in torch.optim), but
         views into one buffer per bucket, so the increment is one op: ``torch._foreach_add_`` over
-        10,000 scalar CPU tensors costs ~35 ms a step, as much as the LAMB arithmetic. Whenever one
+        thousands of scalar CPU tensors costs as much as the LAMB arithmetic (measured in
+        benchmarks/optimizer_step/README.md). Whenever one
         counter is not such a view (first step, a loaded ``state_dict``, another set of parameters
         with gradients) the buffer is rebuilt from their values.
         """
@@ -407,6 +454,22 @@ class TrustRatioOptimizer(Optimizer):
             self._step_buffers[key] = buf
         buf.add_(1.0)
         return buf.double()
+
+
+def _sum_over(grads: list[Tensor], *, squared: bool) -> Tensor:
+    """Σ‖g‖² (``squared``) or Σ max|g| over tensors of any dtypes and devices, as float64 on the first's."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in grads:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    device = grads[0].device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for (_, dtype), ts in by_kind.items():
+        if squared:  # accumulate in at least float32: bf16 norms would be off by up to 2^-9
+            norms = torch.stack(torch._foreach_norm(ts, 2, dtype=norm_dtype(dtype))).double().square()
+        else:
+            norms = torch.stack(torch._foreach_norm(ts, math.inf)).double()
+        total = total + norms.sum().to(device)
+    return total
 
 
 def foreach_buckets(numels: Sequence[int], budget: int | None = None) -> list[range]:
@@ -443,10 +506,3 @@ def _are_views(steps: list[Tensor], buf: Tensor) -> bool:
         return [t.data_ptr() for t in steps] == list(range(base, base + size * len(steps), size))
     except AttributeError:  # a plain number (a state_dict written by another library)
         return False
-
-
-def trust_mask(group: dict[str, Any], n: int, device: torch.device) -> Tensor:
-    """Which tensors of the group get a trust ratio (True / False / only when weight decay ≠ 0)."""
-    mode = group["trust_ratio"]
-    on = mode is True or (mode == "decayed" and group["weight_decay"] != 0)
-    return torch.full((n,), on, dtype=torch.bool, device=device)

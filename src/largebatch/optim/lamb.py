@@ -1,40 +1,76 @@
-r"""LAMB (You et al. 2020, Algorithm 2) with every variant other libraries hard-code as a flag.
+"""LAMB (You et al. 2020, Algorithm 2) with every variant other libraries hard-code as a flag.
 
-The defaults are the paper's algorithm (SPEC §1)::
-
-    m_t = β1·m + (1−β1)·g                 v_t = β2·v + (1−β2)·g²
-    m̂ = m_t/(1−β1^t)                       v̂ = v_t/(1−β2^t)
-    u = m̂/(√v̂ + ε) + λ·x                   (decoupled decay INSIDE the trust ratio)
-    x ← x − η·φ(‖x‖)/‖u‖·u                  per parameter tensor; ratio := 1 if ‖x‖ = 0 or ‖u‖ = 0
-
-Three implementations compute the same thing (the tests pin each to a float64 paper-literal reference):
-``single_tensor`` (the readable loop below), ``foreach`` (multi-tensor ops, any device: the CUDA path) and
-``fused`` (a C kernel for contiguous float32/float64 CPU tensors: two passes per tensor, the second one
-backwards while the tensor is still in cache; the only temporary is one reusable scratch buffer of the
-largest tensor's size). ``fused=None, foreach=None`` picks the fastest.
+A group's flags are read once into a :class:`LambHyper` record of plain numbers; the three
+implementations take (tensors, per-tensor coefficients from :func:`lamb_coefficients`, that record):
+``single_tensor`` (the readable loop, written like the algorithm box of :class:`Lamb`), ``foreach``
+(multi-tensor ops, any device: the CUDA path) and ``fused`` (the C kernel for contiguous float32/float64
+CPU tensors, :mod:`largebatch.optim.kernel`). ``fused=None, foreach=None`` picks the fastest. The maths
+and the variants table: docs/algorithms.md, "LAMB".
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _kernel
+from . import kernel
 from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
-from .trust_ratio import trust_ratio
+from .trust_ratio import masked, stacked_norms, tensor_norm, trust_ratio
 
 BIAS_CORRECTION_CHOICES = ("inside", "step_size", "none")
 WEIGHT_DECAY_MODE_CHOICES = ("decoupled", "l2", "decoupled_outside")
 NESTEROV_CHOICES = (None, "n-lamb", "nn-lamb")
 
 
-def lamb_coefficients(steps: Tensor, *, lr: float, beta1: float, beta2: float, bias_correction: str,
-                      nesterov: str | None, grad_averaging: bool) -> Tensor:
+@dataclass(frozen=True)
+class LambHyper:
+    """One param group's flags as plain numbers, read once per step by :meth:`from_group`.
+
+    ``weight_decay_mode`` becomes three numbers, of which at most one is not neutral: ``l2`` (λ added to
+    the gradient), ``wd_in`` (λ inside u, inside ‖u‖) and ``decay_out`` (the factor 1 − ηλ on x beside
+    the ratio step). ``beta3`` is the gradient's weight in m (``grad_averaging``).
+    """
+
+    lr: float
+    beta1: float
+    beta2: float
+    beta3: float
+    eps: float
+    eps_inside_sqrt: bool
+    l2: float
+    wd_in: float
+    decay_out: float
+    bias_correction: str
+    nesterov: str | None
+    phi: str
+    phi_min: float | None
+    phi_max: float | None
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> LambHyper:
+        beta1, beta2 = group["betas"]
+        lr, wd, mode = float(group["lr"]), group["weight_decay"], group["weight_decay_mode"]
+        return cls(lr=lr, beta1=beta1, beta2=beta2, beta3=1.0 - beta1 if group["grad_averaging"] else 1.0,
+                   eps=group["eps"], eps_inside_sqrt=group["eps_inside_sqrt"],
+                   l2=wd if mode == "l2" else 0.0, wd_in=wd if mode == "decoupled" else 0.0,
+                   decay_out=1.0 - lr * wd if mode == "decoupled_outside" else 1.0,
+                   bias_correction=group["bias_correction"], nesterov=group["nesterov"],
+                   phi=group["phi"], phi_min=group["phi_min"], phi_max=group["phi_max"])
+
+    def ratios(self, param_norm: Tensor, update_norm: Tensor, trust: Tensor) -> Tensor:
+        """φ(‖x‖)/‖u‖ with the zero-norm rule where ``trust`` is set, 1 elsewhere."""
+        r = trust_ratio(param_norm, update_norm, phi=self.phi, phi_min=self.phi_min, phi_max=self.phi_max)
+        return masked(r, trust)
+
+
+def lamb_coefficients(steps: Tensor, h: LambHyper) -> Tensor:
     """Per-tensor scalars of one LAMB step as an [n, 5] float64 tensor: a_m, b_m, a_v, b_v, step_scale.
 
     With them the direction is  m̂ = a_m·m_t + b_m·g,  v̂ = a_v·v_t + b_v·g²  and the update is
-    x ← x − step_scale·ratio·u. This is the only place where bias correction and Nesterov live:
+    x ← x − step_scale·ratio·u. This is the only place where bias correction and Nesterov live
+    (docs/algorithms.md, "Bias correction and Nesterov as coefficients"):
 
     - bias_correction "inside": c1(t) = 1−β1^t, c2(t) = 1−β2^t divide m and v (paper);
       "step_size": no division, step_scale = lr·√c2(t)/c1(t) after the trust ratio (torch-optimizer
@@ -44,29 +80,50 @@ def lamb_coefficients(steps: Tensor, *, lr: float, beta1: float, beta2: float, b
     """
     t = steps.to(torch.float64)
     one = torch.ones_like(t)
-    beta3 = 1.0 - beta1 if grad_averaging else 1.0
-    if bias_correction == "inside":
+    beta1, beta2 = h.beta1, h.beta2
+    if h.bias_correction == "inside":
         c1, c2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
         c1_next, c2_next = 1.0 - beta1 ** (t + 1), 1.0 - beta2 ** (t + 1)
     else:
         c1 = c2 = c1_next = c2_next = one
-    if nesterov is None:
+    if h.nesterov is None:
         a_m, b_m = 1.0 / c1, torch.zeros_like(t)
     else:
-        a_m, b_m = beta1 / c1_next, beta3 / c1
-    if nesterov == "nn-lamb":
+        a_m, b_m = beta1 / c1_next, h.beta3 / c1
+    if h.nesterov == "nn-lamb":
         a_v, b_v = beta2 / c2_next, (1.0 - beta2) / c2
     else:
         a_v, b_v = 1.0 / c2, torch.zeros_like(t)
-    if bias_correction == "step_size":
-        scale = lr * torch.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+    if h.bias_correction == "step_size":
+        scale = h.lr * torch.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
     else:
-        scale = lr * one
+        scale = h.lr * one
     return torch.stack([a_m, b_m, a_v, b_v, scale], dim=1)
 
 
 class Lamb(TrustRatioOptimizer):
     r"""LAMB, defaults = the paper's Algorithm 2 (β=(0.9, 0.999), ε=1e-6 outside √, λ=0.01 inside the ratio).
+
+    .. math::
+       \begin{aligned}
+       &\textbf{input}: \eta, \beta_1, \beta_2, \epsilon, \lambda, \phi, x_0;\quad m_0, v_0 \leftarrow 0;
+            \quad \beta_3 = 1-\beta_1 \text{ (grad\_averaging) or } 1 \\
+       &\textbf{for } t = 1, 2, \dots \textbf{ and each parameter tensor } x: \\
+       &\quad g \leftarrow \nabla f_t(x)\,/\max(1, \lVert \nabla f_t \rVert_{global}/\text{max\_grad\_norm})
+            \quad \text{(max\_grad\_norm only; never in place)} \\
+       &\quad g \leftarrow g + \lambda x \quad \text{(weight\_decay\_mode = "l2")} \\
+       &\quad m \leftarrow \beta_1 m + \beta_3 g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+       &\quad \hat m = a_m m + b_m g, \qquad \hat v = a_v v + b_v g^2
+            \quad \text{(bias correction, Nesterov: } \texttt{lamb\_coefficients}) \\
+       &\quad u = \hat m / (\sqrt{\hat v} + \epsilon) \quad \text{or } \hat m / \sqrt{\hat v + \epsilon}
+            \text{ (eps\_inside\_sqrt)} \\
+       &\quad u \leftarrow u + \lambda x \quad \text{(weight\_decay\_mode = "decoupled", the paper)} \\
+       &\quad r = \phi(\lVert x \rVert)/\lVert u \rVert; \quad r = 1 \text{ if } \lVert x \rVert = 0
+            \text{ or } \lVert u \rVert = 0 \text{ or the tensor has no trust ratio} \\
+       &\quad x \leftarrow x\,(1 - \eta\lambda) \quad \text{(weight\_decay\_mode = "decoupled\_outside")} \\
+       &\quad x \leftarrow x - s_t\, r\, u \qquad (s_t = \eta, \text{ or } \eta\sqrt{1-\beta_2^t}/(1-\beta_1^t)
+            \text{ with bias\_correction = "step\_size"})
+       \end{aligned}
 
     Args:
         params: parameters or param-group dicts (see :func:`largebatch.param_groups`).
@@ -89,12 +146,22 @@ class Lamb(TrustRatioOptimizer):
         master_weights: keep an fp32 copy of bf16/fp16 parameters in the state (``"master_param"``) and
             update that; the low-precision parameter is a rounded copy. Moments are fp32.
         foreach, fused: implementation choice (``None``: fastest available).
+        nonfinite: what ``step()`` does when any gradient holds a NaN or ±inf: ``"skip"`` (default: the
+            whole step is skipped — parameters, moments and step counters untouched — and counted in
+            :attr:`skipped_steps`, saved with the state), ``"raise"`` (``FloatingPointError`` naming the
+            first such tensor, nothing updated) or ``"propagate"`` (no check: torch AdamW's behaviour).
+            Why skip by default: a NaN that reaches the moments stays there for good (that tensor's trust
+            ratio is silently 1 from then on, and with ``max_grad_norm`` every tensor turns NaN), while a
+            skipped step is what mixed-precision loss scaling already does with overflowing steps and
+            costs one read of the gradients (none with ``max_grad_norm``, whose global norm decides it).
+            See docs/algorithms.md, "Non-finite gradients".
 
     ``step()`` never modifies ``p.grad``. Per-tensor ‖x‖, ‖u‖ and ratio of the last step:
     :meth:`telemetry`.
     """
 
-    _shaped_state_keys = ("exp_avg", "exp_avg_sq", "master_param")
+    _moment_keys = ("exp_avg", "exp_avg_sq")
+    _signature_keys = ("betas", "bias_correction", "weight_decay_mode", "trust_ratio")
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, *, bias_correction: str = "inside",
@@ -102,7 +169,7 @@ class Lamb(TrustRatioOptimizer):
                  phi_min: float | None = None, phi_max: float | None = None,
                  max_grad_norm: float | None = None, eps_inside_sqrt: bool = False,
                  grad_averaging: bool = True, nesterov: str | None = None, master_weights: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "skip"):
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_inclusive=False)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -110,7 +177,7 @@ class Lamb(TrustRatioOptimizer):
                         trust_ratio=trust_ratio, phi=phi, phi_min=phi_min, phi_max=phi_max,
                         max_grad_norm=max_grad_norm, eps_inside_sqrt=eps_inside_sqrt,
                         grad_averaging=grad_averaging, nesterov=nesterov, master_weights=master_weights,
-                        foreach=foreach, fused=fused)
+                        foreach=foreach, fused=fused, nonfinite=nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -138,153 +205,116 @@ class Lamb(TrustRatioOptimizer):
     def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust):
         ms = [local_tensor(s["exp_avg"]) for s in states]
         vs = [local_tensor(s["exp_avg_sq"]) for s in states]
-        beta1, beta2 = group["betas"]
-        lr = float(group["lr"])
-        coefs = lamb_coefficients(self._advance_steps(states), lr=lr, beta1=beta1, beta2=beta2,
-                                  bias_correction=group["bias_correction"], nesterov=group["nesterov"],
-                                  grad_averaging=group["grad_averaging"])
+        h = LambHyper.from_group(group)
+        coefs = lamb_coefficients(self._advance_steps(states), h)
         impl = self._choose_impl(group, [xs, grads, ms, vs],
                                  not sharded and self._kernel_eligible(group, xs, grads, ms, vs))
-        fn = {"fused": _fused_lamb, "foreach": _multi_tensor_lamb, "single_tensor": _single_tensor_lamb}[impl]
-        kwargs = dict(lr=lr, clip=clip, scratch=self._scratch, sharded=sharded,
-                      reduce_sq=lambda sq: self._reduce_sq_norms(sq, params))
+        if impl == "fused":
+            return kernel.lamb_step(xs, grads, ms, vs, coefs, trust, h, 1.0 if clip is None else float(clip),
+                                    self._scratch)
+        reduce_sq = (lambda sq: self._reduce_sq_norms(sq, params)) if sharded else None
         if impl == "foreach" and not sharded:  # bounded temporaries (sharded norms are reduced all at once)
-            return run_in_buckets(fn, [xs, grads, ms, vs], [coefs, trust], group, **kwargs)
-        return fn(xs, grads, ms, vs, coefs, trust, group, **kwargs)
+            return run_in_buckets(multi_tensor_lamb, [xs, grads, ms, vs], [coefs, trust], h, clip, reduce_sq)
+        fn = multi_tensor_lamb if impl == "foreach" else single_tensor_lamb
+        return fn(xs, grads, ms, vs, coefs, trust, h, clip, reduce_sq)
 
 
-# ---------------------------------------------------------------------------------------- kernels
-def _lamb_direction(x: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: list[float], group: dict,
-                    clip: Tensor | None) -> Tensor:
-    """Update m and v in place and return the new tensor u = m̂/(√v̂+ε) (+ λx when decoupled)."""
-    beta1, beta2 = group["betas"]
-    beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
-    wd, mode = group["weight_decay"], group["weight_decay_mode"]
+# ---------------------------------------------------------------------------------------- paths
+def _lamb_direction(x: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: list[float], h: LambHyper) -> Tensor:
+    """Update m and v in place and return the new tensor u (the algorithm box, lines 3-6)."""
     a_m, b_m, a_v, b_v, _ = coef
-    if clip is not None:
-        g = g * clip.to(g.dtype)  # never in place: p.grad is the user's
-    if mode == "l2" and wd != 0:
-        g = g.add(x, alpha=wd)
-    m.mul_(beta1).add_(g, alpha=beta3)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    if h.l2:
+        g = g.add(x, alpha=h.l2)
+    m.mul_(h.beta1).add_(g, alpha=h.beta3)
+    v.mul_(h.beta2).addcmul_(g, g, value=1.0 - h.beta2)
     m_hat = m * a_m
     if b_m:
         m_hat.add_(g, alpha=b_m)
     v_hat = v * a_v
     if b_v:
         v_hat.addcmul_(g, g, value=b_v)
-    if group["eps_inside_sqrt"]:
-        denom = v_hat.add_(group["eps"]).sqrt_()
-    else:
-        denom = v_hat.sqrt_().add_(group["eps"])
+    denom = v_hat.add_(h.eps).sqrt_() if h.eps_inside_sqrt else v_hat.sqrt_().add_(h.eps)
     u = m_hat.div_(denom)
-    if mode == "decoupled" and wd != 0:
-        u.add_(x, alpha=wd)
+    if h.wd_in:
+        u.add_(x, alpha=h.wd_in)
     return u
 
 
-def _norm(t: Tensor) -> Tensor:
-    # float32 accumulation at least (bf16 norms would be too coarse for the ratio)
-    return torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))
-
-
-def _ratios(param_norm: Tensor, update_norm: Tensor, trust: Tensor, group: dict) -> Tensor:
-    r = trust_ratio(param_norm, update_norm, phi=group["phi"], phi_min=group["phi_min"], phi_max=group["phi_max"])
-    return torch.where(trust, r, torch.ones_like(r))
-
-
-def _apply(x: Tensor, u: Tensor, ratio: Tensor, scale: float, group: dict, lr: float) -> None:
-    """x ← x·(1 − ηλ [outside mode]) − scale·ratio·u   (u is our temporary: scaled in place)."""
-    if group["weight_decay_mode"] == "decoupled_outside" and group["weight_decay"] != 0:
-        x.mul_(1.0 - lr * group["weight_decay"])
+def _lamb_apply(x: Tensor, u: Tensor, ratio: Tensor, scale: float, h: LambHyper) -> None:
+    """x ← x·(1 − ηλ) [decoupled_outside] − s·r·u   (u is our temporary: scaled in place)."""
+    if h.decay_out != 1.0:
+        x.mul_(h.decay_out)
     u.mul_(ratio.to(u.dtype) * -scale)
     x.add_(u)
 
 
-def _single_tensor_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
-    """The readable path: one tensor at a time (all directions kept only when norms must be reduced)."""
+def single_tensor_lamb(xs, grads, ms, vs, coefs: Tensor, trust: Tensor, h: LambHyper, clip: Tensor | None,
+                       reduce_sq=None) -> Tensor:
+    """The readable path, one tensor at a time; returns [n, 3] (‖x‖, ‖u‖, ratio).
+
+    ``reduce_sq`` (sharded parameters): sums the [n, 2] squared norms over the shards; then every
+    direction is kept until all norms are known.
+    """
     rows = coefs.tolist()
-    trust_list = trust.tolist()
     out, pending = [], []
     for i, (x, g, m, v) in enumerate(zip(xs, grads, ms, vs)):
-        u = _lamb_direction(x, g, m, v, rows[i], group, clip)
-        xn, un = _norm(x), _norm(u)
-        if sharded:
+        if clip is not None:
+            g = g * clip.to(g.dtype)  # never in place: p.grad is the user's
+        u = _lamb_direction(x, g, m, v, rows[i], h)
+        xn, un = tensor_norm(x), tensor_norm(u)
+        if reduce_sq is not None:
             pending.append(u)
             out.append(torch.stack([xn.square(), un.square()]))
             continue
-        ratio = _ratios(xn, un, trust[i], group) if trust_list[i] else torch.ones_like(xn)
-        _apply(x, u, ratio, rows[i][4], group, lr)
+        ratio = h.ratios(xn, un, trust[i])
+        _lamb_apply(x, u, ratio, rows[i][4], h)
         out.append(torch.stack([xn, un, ratio]))
-    if not sharded:
+    if reduce_sq is None:
         return torch.stack(out)
     norms = reduce_sq(torch.stack(out)).sqrt()
-    ratio = _ratios(norms[:, 0], norms[:, 1], trust, group)
+    ratio = h.ratios(norms[:, 0], norms[:, 1], trust)
     for i, (x, u) in enumerate(zip(xs, pending)):
-        _apply(x, u, ratio[i], rows[i][4], group, lr)
+        _lamb_apply(x, u, ratio[i], rows[i][4], h)
     return torch.cat([norms, ratio[:, None]], dim=1)
 
 
-def _multi_tensor_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
+def multi_tensor_lamb(xs, grads, ms, vs, coefs: Tensor, trust: Tensor, h: LambHyper, clip: Tensor | None,
+                      reduce_sq=None) -> Tensor:
     """Multi-tensor path (torch._foreach_*): the same maths, a handful of kernel launches per group."""
-    beta1, beta2 = group["betas"]
-    beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
-    wd, mode = group["weight_decay"], group["weight_decay_mode"]
     a_m, b_m, a_v, b_v, scale = (c.tolist() for c in coefs.unbind(1))
     gs = grads
     if clip is not None:
         gs = torch._foreach_mul(gs, clip.to(xs[0].device, xs[0].dtype))
-    if mode == "l2" and wd != 0:
-        gs = torch._foreach_add(gs, xs, alpha=wd)
-    torch._foreach_mul_(ms, beta1)
-    torch._foreach_add_(ms, gs, alpha=beta3)
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+    if h.l2:
+        gs = torch._foreach_add(gs, xs, alpha=h.l2)
+    torch._foreach_mul_(ms, h.beta1)
+    torch._foreach_add_(ms, gs, alpha=h.beta3)
+    torch._foreach_mul_(vs, h.beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - h.beta2)
     u = torch._foreach_mul(ms, a_m)
     if any(b_m):
         torch._foreach_add_(u, torch._foreach_mul(gs, b_m))
     denom = torch._foreach_mul(vs, a_v)
     if any(b_v):
         torch._foreach_addcmul_(denom, gs, gs, b_v)
-    if group["eps_inside_sqrt"]:
-        torch._foreach_add_(denom, group["eps"])
+    if h.eps_inside_sqrt:
+        torch._foreach_add_(denom, h.eps)
         torch._foreach_sqrt_(denom)
     else:
         torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_add_(denom, h.eps)
     torch._foreach_div_(u, denom)
     del denom
-    if mode == "decoupled" and wd != 0:
-        torch._foreach_add_(u, xs, alpha=wd)
-    norm_dtype = torch.promote_types(xs[0].dtype, torch.float32)
-    xn = torch.stack(torch._foreach_norm(xs, 2, dtype=norm_dtype))
-    un = torch.stack(torch._foreach_norm(u, 2, dtype=norm_dtype))
-    if sharded:
+    if h.wd_in:
+        torch._foreach_add_(u, xs, alpha=h.wd_in)
+    xn, un = stacked_norms(xs), stacked_norms(u)
+    if reduce_sq is not None:
         norms = reduce_sq(torch.stack([xn, un], dim=1).square()).sqrt()
         xn, un = norms[:, 0], norms[:, 1]
-    ratio = _ratios(xn, un, trust, group)
+    ratio = h.ratios(xn, un, trust)
     step = ratio.to(xs[0].dtype) * -torch.tensor(scale, dtype=xs[0].dtype, device=ratio.device)
     torch._foreach_mul_(u, list(step.unbind(0)))
-    if mode == "decoupled_outside" and wd != 0:
-        torch._foreach_mul_(xs, 1.0 - lr * wd)
+    if h.decay_out != 1.0:
+        torch._foreach_mul_(xs, h.decay_out)
     torch._foreach_add_(xs, u)
     return torch.stack([xn, un, ratio], dim=1)
-
-
-def kernel_hyper(group: dict, *, lr: float, clip: float | None) -> _kernel.LambHyper:
-    """A param group's settings as the C kernel's scalars (the benchmark's profile uses it too)."""
-    beta1, beta2 = group["betas"]
-    wd, mode = group["weight_decay"], group["weight_decay_mode"]
-    return _kernel.LambHyper(
-        beta1=beta1, beta2=beta2, beta3=1.0 - beta1 if group["grad_averaging"] else 1.0,
-        eps=group["eps"], eps_inside_sqrt=group["eps_inside_sqrt"],
-        clip=1.0 if clip is None else float(clip),
-        l2=wd if mode == "l2" else 0.0, wd_in=wd if mode == "decoupled" else 0.0,
-        decay_out=1.0 - lr * wd if mode == "decoupled_outside" else 1.0,
-        phi=group["phi"], phi_min=group["phi_min"], phi_max=group["phi_max"])
-
-
-def _fused_lamb(xs, grads, ms, vs, coefs, trust, group, *, lr, clip, reduce_sq, sharded, scratch):
-    """C kernel: per tensor, pass 1 updates m, v, writes u to the scratch and sums ‖x‖², ‖u‖²;
-    pass 2 writes x. ``scratch(dtype, n)`` returns the optimizer's reusable buffer."""
-    return _kernel.lamb_step(xs, grads, ms, vs, coefs, trust, kernel_hyper(group, lr=lr, clip=clip), scratch)

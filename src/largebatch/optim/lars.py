@@ -1,6 +1,6 @@
 r"""LARS: the paper's Algorithm 1 by default, the original 2017 form and LARC clipping as modes.
 
-``mode="paper"`` (You et al. 2020, Algorithm 1, SPEC §2)::
+``mode="paper"`` (You et al. 2020, Algorithm 1; docs/algorithms.md, "LARS")::
 
     m_t = β1·m + (1−β1)·(g + λx)          (decay enters the momentum, L2 style)
     x ← x − η·φ(‖x‖)/‖m_t‖·m_t             per tensor; ratio := 1 if ‖x‖ = 0 or ‖m_t‖ = 0
@@ -12,21 +12,60 @@ r"""LARS: the paper's Algorithm 1 by default, the original 2017 form and LARC cl
     x ← x − η·buf                           (Nesterov: x ← x − η·(local·(g + λx) + μ·buf))
 
 The LR multiplies the buffer when it is applied (LARC/torch SGD convention), so with a constant LR the
-2017 form ``v ← μv + η·local·d; x ← x − v`` is the same thing.
+2017 form ``v ← μv + η·local·d; x ← x − v`` is the same thing. A group's flags are read once into a
+:class:`LarsHyper`; ``mode`` is branched on once per implementation (which pair of functions runs).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _kernel
+from . import kernel
 from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
-from .lamb import _norm, _ratios
-from .trust_ratio import lars_2017_local_lr
+from .trust_ratio import lars_2017_local_lr, masked, stacked_norms, tensor_norm, trust_ratio
 
 MODE_CHOICES = ("paper", "2017")
+
+
+@dataclass(frozen=True)
+class LarsHyper:
+    """One param group's flags as plain numbers, read once per step by :meth:`from_group`.
+    ``beta3`` is the direction's weight in the paper-mode momentum (``grad_averaging``)."""
+
+    lr: float
+    momentum: float
+    beta3: float
+    weight_decay: float
+    trust_coefficient: float
+    eps: float
+    mode_2017: bool
+    nesterov: bool
+    larc_clip: bool
+    phi: str
+    phi_min: float | None
+    phi_max: float | None
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> LarsHyper:
+        mom = group["momentum"]
+        return cls(lr=float(group["lr"]), momentum=mom, beta3=1.0 - mom if group["grad_averaging"] else 1.0,
+                   weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"],
+                   eps=group["eps"], mode_2017=group["mode"] == "2017", nesterov=group["nesterov"],
+                   larc_clip=group["larc_clip"], phi=group["phi"], phi_min=group["phi_min"],
+                   phi_max=group["phi_max"])
+
+    def ratios(self, param_norm: Tensor, other_norm: Tensor, trust: Tensor) -> Tensor:
+        """Paper mode φ(‖x‖)/‖m‖, 2017 mode the local LR from ‖x‖, ‖g‖; 1 where ``trust`` is not set."""
+        if self.mode_2017:
+            r = lars_2017_local_lr(param_norm, other_norm, trust_coefficient=self.trust_coefficient,
+                                   weight_decay=self.weight_decay, eps=self.eps, lr=self.lr,
+                                   larc_clip=self.larc_clip)
+        else:
+            r = trust_ratio(param_norm, other_norm, phi=self.phi, phi_min=self.phi_min, phi_max=self.phi_max)
+        return masked(r, trust)
 
 
 class Lars(TrustRatioOptimizer):
@@ -41,25 +80,27 @@ class Lars(TrustRatioOptimizer):
         eps: ε in the 2017 local LR denominator.
         nesterov: paper mode: the direction is β1·m_t + (1−β1)·(g + λx); 2017 mode: Nesterov SGD.
         grad_averaging: paper mode m = β1·m + (1−β1)·d (True) or β1·m + d (False).
-        trust_ratio, phi, phi_min, phi_max, max_grad_norm, master_weights, foreach, fused: as in
+        trust_ratio, phi, phi_min, phi_max, max_grad_norm, master_weights, foreach, fused, nonfinite: as in
             :class:`largebatch.Lamb` (φ applies to the paper mode).
     """
 
-    _shaped_state_keys = ("momentum_buffer", "master_param")
+    _moment_keys = ("momentum_buffer",)
+    _signature_keys = ("momentum", "mode", "trust_coefficient", "trust_ratio")
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.01, *,
                  mode: str = "paper", trust_coefficient: float = 0.001, larc_clip: bool = False,
                  eps: float = 1e-8, nesterov: bool = False, grad_averaging: bool = True,
                  trust_ratio: bool | str = True, phi: str = "identity", phi_min: float | None = None,
                  phi_max: float | None = None, max_grad_norm: float | None = None,
-                 master_weights: bool = False, foreach: bool | None = None, fused: bool | None = None):
+                 master_weights: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 nonfinite: str = "skip"):
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_inclusive=False)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, mode=mode,
                         trust_coefficient=trust_coefficient, larc_clip=larc_clip, eps=eps, nesterov=nesterov,
                         grad_averaging=grad_averaging, trust_ratio=trust_ratio, phi=phi, phi_min=phi_min,
                         phi_max=phi_max, max_grad_norm=max_grad_norm, master_weights=master_weights,
-                        foreach=foreach, fused=fused)
+                        foreach=foreach, fused=fused, nonfinite=nonfinite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -84,107 +125,101 @@ class Lars(TrustRatioOptimizer):
     def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust):
         self._advance_steps(states)
         bufs = [local_tensor(s["momentum_buffer"]) for s in states]
+        h = LarsHyper.from_group(group)
         impl = self._choose_impl(group, [xs, grads, bufs],
                                  not sharded and self._kernel_eligible(group, xs, grads, bufs))
-        fn = {"fused": _fused_lars, "foreach": _multi_tensor_lars, "single_tensor": _single_tensor_lars}[impl]
-        kwargs = dict(lr=float(group["lr"]), clip=clip, sharded=sharded,
-                      reduce_sq=lambda sq: self._reduce_sq_norms(sq, params))
+        if impl == "fused":
+            return kernel.lars_step(xs, grads, bufs, trust, h, 1.0 if clip is None else float(clip))
+        reduce_sq = (lambda sq: self._reduce_sq_norms(sq, params)) if sharded else None
         if impl == "foreach" and not sharded:  # bounded temporaries (sharded norms are reduced all at once)
-            return run_in_buckets(fn, [xs, grads, bufs], [trust], group, **kwargs)
-        return fn(xs, grads, bufs, trust, group, **kwargs)
+            return run_in_buckets(multi_tensor_lars, [xs, grads, bufs], [trust], h, clip, reduce_sq)
+        fn = multi_tensor_lars if impl == "foreach" else single_tensor_lars
+        return fn(xs, grads, bufs, trust, h, clip, reduce_sq)
 
 
-def _local_lrs(xn: Tensor, gn: Tensor, trust: Tensor, group: dict, lr: float) -> Tensor:
-    local = lars_2017_local_lr(xn, gn, trust_coefficient=group["trust_coefficient"],
-                               weight_decay=group["weight_decay"], eps=group["eps"], lr=lr,
-                               larc_clip=group["larc_clip"])
-    return torch.where(trust, local, torch.ones_like(local))
+# ---------------------------------------------------------------------------------------- paths
+def _ratios_from_sq(sq: Tensor, trust: Tensor, h: LarsHyper, reduce_sq) -> Tensor:
+    """[n, 3] (‖x‖, ‖u‖, ratio) from [n, 2] squared norms, summed over shards first when sharded."""
+    norms = (reduce_sq(sq) if reduce_sq is not None else sq).sqrt()
+    return torch.cat([norms, h.ratios(norms[:, 0], norms[:, 1], trust)[:, None]], dim=1)
 
 
-def _single_tensor_lars(xs, grads, bufs, trust, group, *, lr, clip, reduce_sq, sharded):
-    """The readable path. Norms of every tensor are computed before any tensor is written, so the same
-    code serves sharded parameters (one all-reduce of the stacked squared norms)."""
-    wd, mom = group["weight_decay"], group["momentum"]
-    beta3 = 1.0 - mom if group["grad_averaging"] else 1.0
-    paper = group["mode"] == "paper"
-    gs = [g * clip.to(g.dtype) if clip is not None else g for g in grads]  # never in place on p.grad
-    directions, sq = [], []
+def _paper_directions(xs, gs, bufs, h: LarsHyper) -> list[Tensor]:
+    """m ← β1·m + β3·(g + λx); the direction is m (Nesterov: β1·m + β3·(g + λx))."""
+    out = []
     for x, g, buf in zip(xs, gs, bufs):
-        if paper:
-            d = g.add(x, alpha=wd) if wd != 0 else g
-            buf.mul_(mom).add_(d, alpha=beta3)
-            u = buf.mul(mom).add_(d, alpha=beta3) if group["nesterov"] else buf
-            directions.append(u)
-            sq.append(torch.stack([_norm(x), _norm(u)]).square())
-        else:
-            sq.append(torch.stack([_norm(x), _norm(g)]).square())
-    sq = torch.stack(sq)
-    norms = (reduce_sq(sq) if sharded else sq).sqrt()
-    xn, un = norms[:, 0], norms[:, 1]
-    if paper:
-        ratio = _ratios(xn, un, trust, group)
-        for i, (x, u) in enumerate(zip(xs, directions)):
-            x.sub_(u * (ratio[i].to(x.dtype) * lr))
-    else:
-        ratio = _local_lrs(xn, un, trust, group, lr)
-        for i, (x, g, buf) in enumerate(zip(xs, gs, bufs)):
-            d = g.add(x, alpha=wd) if wd != 0 else g.clone()
-            d.mul_(ratio[i].to(x.dtype))
-            buf.mul_(mom).add_(d)
-            u = d.add_(buf, alpha=mom) if group["nesterov"] else buf
-            x.add_(u, alpha=-lr)
-    return torch.stack([xn, un, ratio], dim=1)
+        d = g.add(x, alpha=h.weight_decay) if h.weight_decay != 0 else g
+        buf.mul_(h.momentum).add_(d, alpha=h.beta3)
+        out.append(buf.mul(h.momentum).add_(d, alpha=h.beta3) if h.nesterov else buf)
+    return out
 
 
-def _multi_tensor_lars(xs, grads, bufs, trust, group, *, lr, clip, reduce_sq, sharded):
-    wd, mom = group["weight_decay"], group["momentum"]
-    beta3 = 1.0 - mom if group["grad_averaging"] else 1.0
-    paper = group["mode"] == "paper"
-    gs = torch._foreach_mul(grads, clip.to(xs[0].device, xs[0].dtype)) if clip is not None else grads
-    ds = torch._foreach_add(gs, xs, alpha=wd) if wd != 0 else gs
-    norm_dtype = torch.promote_types(xs[0].dtype, torch.float32)
-    xn = torch.stack(torch._foreach_norm(xs, 2, dtype=norm_dtype))
-    if paper:
-        torch._foreach_mul_(bufs, mom)
-        torch._foreach_add_(bufs, ds, alpha=beta3)
-        if group["nesterov"]:
-            us = torch._foreach_mul(bufs, mom)
-            torch._foreach_add_(us, ds, alpha=beta3)
-        else:
-            us = bufs
-        un = torch.stack(torch._foreach_norm(us, 2, dtype=norm_dtype))
+def _paper_apply(xs, gs, bufs, us, ratio: Tensor, h: LarsHyper) -> None:
+    """x ← x − η·r·u."""
+    for i, (x, u) in enumerate(zip(xs, us)):
+        x.sub_(u * (ratio[i].to(x.dtype) * h.lr))
+
+
+def _2017_apply(xs, gs, bufs, us, ratio: Tensor, h: LarsHyper) -> None:
+    """buf ← μ·buf + local·(g + λx); x ← x − η·buf (Nesterov: x ← x − η·(local·(g + λx) + μ·buf))."""
+    for i, (x, g, buf) in enumerate(zip(xs, gs, bufs)):
+        d = g.add(x, alpha=h.weight_decay) if h.weight_decay != 0 else g.clone()
+        d.mul_(ratio[i].to(x.dtype))
+        buf.mul_(h.momentum).add_(d)
+        x.add_(d.add_(buf, alpha=h.momentum) if h.nesterov else buf, alpha=-h.lr)
+
+
+def single_tensor_lars(xs, grads, bufs, trust: Tensor, h: LarsHyper, clip: Tensor | None,
+                       reduce_sq=None) -> Tensor:
+    """The readable path. Norms of every tensor are computed before any tensor is written, so the same
+    code serves sharded parameters (``reduce_sq``: one all-reduce of the stacked squared norms)."""
+    gs = [g * clip.to(g.dtype) if clip is not None else g for g in grads]  # never in place on p.grad
+    # 2017 mode: the ratio uses ‖g‖ and the momentum is updated after it
+    us = gs if h.mode_2017 else _paper_directions(xs, gs, bufs, h)
+    sq = torch.stack([torch.stack([tensor_norm(x), tensor_norm(u)]).square() for x, u in zip(xs, us)])
+    rows = _ratios_from_sq(sq, trust, h, reduce_sq)
+    (_2017_apply if h.mode_2017 else _paper_apply)(xs, gs, bufs, us, rows[:, 2], h)
+    return rows
+
+
+def _multi_paper(xs, gs, bufs, trust: Tensor, h: LarsHyper, reduce_sq) -> Tensor:
+    ds = torch._foreach_add(gs, xs, alpha=h.weight_decay) if h.weight_decay != 0 else gs
+    xn = stacked_norms(xs)
+    torch._foreach_mul_(bufs, h.momentum)
+    torch._foreach_add_(bufs, ds, alpha=h.beta3)
+    if h.nesterov:
+        us = torch._foreach_mul(bufs, h.momentum)
+        torch._foreach_add_(us, ds, alpha=h.beta3)
     else:
-        un = torch.stack(torch._foreach_norm(gs, 2, dtype=norm_dtype))
-    if sharded:
+        us = bufs
+    rows = _stacked_rows(xn, stacked_norms(us), trust, h, reduce_sq)
+    torch._foreach_add_(xs, torch._foreach_mul(us, list((rows[:, 2].to(xs[0].dtype) * -h.lr).unbind(0))))
+    return rows
+
+
+def _multi_2017(xs, gs, bufs, trust: Tensor, h: LarsHyper, reduce_sq) -> Tensor:
+    ds = torch._foreach_add(gs, xs, alpha=h.weight_decay) if h.weight_decay != 0 else gs
+    rows = _stacked_rows(stacked_norms(xs), stacked_norms(gs), trust, h, reduce_sq)
+    ds = torch._foreach_mul(ds, list(rows[:, 2].to(xs[0].dtype).unbind(0)))  # new tensors: grads untouched
+    torch._foreach_mul_(bufs, h.momentum)
+    torch._foreach_add_(bufs, ds)
+    if h.nesterov:
+        torch._foreach_add_(ds, bufs, alpha=h.momentum)
+        torch._foreach_add_(xs, ds, alpha=-h.lr)
+    else:
+        torch._foreach_add_(xs, bufs, alpha=-h.lr)
+    return rows
+
+
+def _stacked_rows(xn: Tensor, un: Tensor, trust: Tensor, h: LarsHyper, reduce_sq) -> Tensor:
+    if reduce_sq is not None:
         norms = reduce_sq(torch.stack([xn, un], dim=1).square()).sqrt()
         xn, un = norms[:, 0], norms[:, 1]
-    if paper:
-        ratio = _ratios(xn, un, trust, group)
-        scaled = torch._foreach_mul(us, list((ratio.to(xs[0].dtype) * -lr).unbind(0)))
-        torch._foreach_add_(xs, scaled)
-    else:
-        ratio = _local_lrs(xn, un, trust, group, lr)
-        ds = torch._foreach_mul(ds, list(ratio.to(xs[0].dtype).unbind(0)))  # new tensors: grads untouched
-        torch._foreach_mul_(bufs, mom)
-        torch._foreach_add_(bufs, ds)
-        if group["nesterov"]:
-            torch._foreach_add_(ds, bufs, alpha=mom)
-            torch._foreach_add_(xs, ds, alpha=-lr)
-        else:
-            torch._foreach_add_(xs, bufs, alpha=-lr)
-    return torch.stack([xn, un, ratio], dim=1)
+    return torch.stack([xn, un, h.ratios(xn, un, trust)], dim=1)
 
 
-def kernel_hyper(group: dict, *, lr: float, clip: float | None) -> _kernel.LarsHyper:
-    """A param group's settings as the C kernel's scalars (the benchmark's profile uses it too)."""
-    mom = group["momentum"]
-    return _kernel.LarsHyper(
-        momentum=mom, beta3=1.0 - mom if group["grad_averaging"] else 1.0,
-        weight_decay=group["weight_decay"], clip=1.0 if clip is None else float(clip), lr=lr,
-        trust_coefficient=group["trust_coefficient"], eps=group["eps"], mode_2017=group["mode"] == "2017",
-        nesterov=group["nesterov"], larc_clip=group["larc_clip"], phi=group["phi"],
-        phi_min=group["phi_min"], phi_max=group["phi_max"])
-
-
-def _fused_lars(xs, grads, bufs, trust, group, *, lr, clip, reduce_sq, sharded):
-    return _kernel.lars_step(xs, grads, bufs, trust, kernel_hyper(group, lr=lr, clip=clip))
+def multi_tensor_lars(xs, grads, bufs, trust: Tensor, h: LarsHyper, clip: Tensor | None,
+                      reduce_sq=None) -> Tensor:
+    """Multi-tensor path (torch._foreach_*): the same maths, a handful of kernel launches per group."""
+    gs = torch._foreach_mul(grads, clip.to(xs[0].device, xs[0].dtype)) if clip is not None else grads
+    return (_multi_2017 if h.mode_2017 else _multi_paper)(xs, gs, bufs, trust, h, reduce_sq)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..optim import local_tensor, optimizer_info
+
 PRECISIONS = ("fp32", "bf16-autocast", "bf16", "fp16")
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -32,9 +34,10 @@ def prepare_model(model: nn.Module, precision: str) -> nn.Module:
 
 
 def optimizer_overrides(precision: str, optimizer_name: str) -> dict:
+    """The flags precision ``"bf16"`` adds: fp32 master weights, for the optimizers the registry says keep them."""
     if precision != "bf16":
         return {}
-    if optimizer_name.lower() in ("adamw", "adam", "sgd"):
+    if not optimizer_info(optimizer_name).master_weights:
         raise ValueError(f"precision 'bf16' keeps fp32 master weights inside largebatch's Lamb/Lars; "
                          f"{optimizer_name!r} has none (use precision 'bf16-autocast')")
     return {"master_weights": True}
@@ -54,8 +57,6 @@ def grad_scaler(precision: str, device_type: str = "cpu"):
 
 def grads_finite(model: nn.Module) -> bool:
     """One fused norm over all gradients and one host sync per step."""
-    from ..optim._base import local_tensor
-
     grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2: own shard
     if not grads:
         return True

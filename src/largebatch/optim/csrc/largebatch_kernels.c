@@ -1,9 +1,9 @@
 /* Fast CPU kernels of largebatch's LAMB and LARS steps.
  *
  * Why: LAMB is memory-bound, but the trust ratio needs the norms of the whole tensor before the
- * tensor can be written. Per tensor we run pass 1 (read x, g, m, v; write m, v; sum ||x||^2 and
- * ||u||^2 without storing u) and, right after it while the tensor is still in cache, pass 2
- * (recompute u from the new m, v and write x). No temporary the size of a tensor is allocated.
+ * tensor can be written. Per tensor we run pass 1 (LAMB: read x, g, m, v; write m, v and u into the
+ * caller's reusable scratch buffer; sum ||x||^2 and ||u||^2) and, right after it while the tensor is
+ * still in cache, pass 2 (write x). LARS needs no scratch: pass 2 recomputes its direction from m.
  *
  * Small tensors are processed in parallel across threads (largest first, dynamic schedule); larger
  * ones one at a time, split in chunks over all threads (see the drivers). Norms are always summed over fixed
@@ -11,11 +11,12 @@
  * thread count (bit-reproducible resumes). Within a chunk float32 tensors accumulate in float32 (the
  * SIMD lanes make that a pairwise-like sum over ~CHUNK/8 terms), chunks are combined in double.
  *
- * The maths is specified in lamb.py / lars.py (the tests pin this file to a float64 reference).
- * Built on first use by _kernel.py: cc -O3 -march=native -fopenmp -fno-math-errno -ffp-contract=off
+ * The maths is docs/algorithms.md ("LAMB", "LARS", "The trust ratio"); the tests pin this file to a
+ * float64 reference and to the Python paths. Built on first use by kernel.py: cc -O3 -march=native -fopenmp -fno-math-errno -ffp-contract=off
  * (no FMA contraction: each product is rounded as in torch's own ops, so all paths agree closely).
  */
 #define _GNU_SOURCE
+#include <stddef.h>
 #include <stdint.h>
 #include <tgmath.h>  /* sqrt(float) -> sqrtf */
 #include <stdlib.h>
@@ -23,18 +24,40 @@
 
 #define CHUNK 16384
 
+/* The benchmark's profile (bench/csrc/profile_kernels.c) includes this file with these two hooks
+ * redefined, to time pass 1 and pass 2 one at a time; here both passes always run. */
+#ifndef LB_RUN_PASS1
+#define LB_RUN_PASS1 1
+#endif
+#ifndef LB_RUN_PASS2
+#define LB_RUN_PASS2 1
+#endif
+
 enum { PHI_IDENTITY = 0, PHI_CLAMP_NORM = 1, PHI_CLAMP_RATIO = 2, PHI_CAP_RATIO = 3 };
-enum { PHASE_FUSED = 0, PHASE_NORMS = 1, PHASE_APPLY = 2 };
 
-typedef struct {
-    double beta1, beta2, beta3, eps, clip, l2, wd_in, decay_out, phi_min, phi_max;
-    int32_t eps_inside, phi, has_min, has_max;
-} LambHyper;
+/* The hyper-parameter records, each field listed once: kernel.py checks its ctypes mirror against
+ * lb_struct_layout() (size, names, offsets) when the library loads. */
+#define LAMB_FIELDS(D, I) D(beta1) D(beta2) D(beta3) D(eps) D(clip) D(l2) D(wd_in) D(decay_out) \
+    D(phi_min) D(phi_max) I(eps_inside) I(phi) I(has_min) I(has_max)
+#define LARS_FIELDS(D, I) D(momentum) D(beta3) D(weight_decay) D(clip) D(lr) D(trust_coefficient) D(eps) \
+    D(phi_min) D(phi_max) I(mode_2017) I(nesterov) I(larc_clip) I(phi) I(has_min) I(has_max)
+#define AS_DOUBLE(name) double name;
+#define AS_INT32(name) int32_t name;
+typedef struct { LAMB_FIELDS(AS_DOUBLE, AS_INT32) } LambHyper;
+typedef struct { LARS_FIELDS(AS_DOUBLE, AS_INT32) } LarsHyper;
 
-typedef struct {
-    double momentum, beta3, weight_decay, clip, lr, trust_coefficient, eps, phi_min, phi_max;
-    int32_t mode_2017, nesterov, larc_clip, phi, has_min, has_max;
-} LarsHyper;
+/* sizeof, then each field's offset, into out (at most cap entries); the field names, comma-separated,
+ * as the return value. which: 0 = LambHyper, 1 = LarsHyper. */
+#define NAME_OF(name) #name ","
+const char* lb_struct_layout(int which, int64_t* out, int64_t cap) {
+    int64_t k = 1;
+    if (cap > 0) out[0] = which == 0 ? (int64_t)sizeof(LambHyper) : (int64_t)sizeof(LarsHyper);
+#define LAMB_OFFSET(name) if (k < cap) out[k] = (int64_t)offsetof(LambHyper, name); k++;
+#define LARS_OFFSET(name) if (k < cap) out[k] = (int64_t)offsetof(LarsHyper, name); k++;
+    if (which == 0) { LAMB_FIELDS(LAMB_OFFSET, LAMB_OFFSET) return LAMB_FIELDS(NAME_OF, NAME_OF); }
+    LARS_FIELDS(LARS_OFFSET, LARS_OFFSET)
+    return LARS_FIELDS(NAME_OF, NAME_OF);
+}
 
 static double clamp_opt(double v, int has_min, double lo, int has_max, double hi) {
     if (has_min && v < lo) v = lo;
@@ -72,19 +95,19 @@ static int cmp_desc(const void* a, const void* b, void* sizes) {
  * (partial sums of ||x||^2 and ||u||^2), the norms summed in chunk order and the ratio by one thread,
  * then pass 2 backwards (the chunks pass 1 touched last are the ones still in cache).
  * Each thread owns one contiguous run of chunks [c0, c1) for BOTH passes and runs pass 2 backwards
- * over its own run, so it starts on the data its own pass 1 left in its own caches. (An `omp for`
- * over the reversed range handed each thread the OTHER thread's chunks, whose dirty lines sit in the other
- * core's caches: 132 ms instead of 79 ms on BERT-base on a 2-vCPU VM.)
+ * over its own run, so it starts on the data its own pass 1 left in its own caches (an `omp for`
+ * over the reversed range would hand each thread the OTHER thread's chunks, whose dirty lines sit in
+ * the other core's caches; benchmarks/optimizer_step/README.md has the measurement).
  * PASS1 / PASS2 are statements over [lo, hi) of chunk k; RATIO an expression of out[0], out[1].
- * phase NORMS stops after the sums (out[0..1] = squared norms); phase APPLY reads the ratio from out[2]. */
+ * (With the profile's hooks, pass 2 alone reads the ratio the caller left in out[2].) */
 #define TWO_PASS_TENSOR(PASS1, RATIO, PASS2)                                                       \
     int64_t nch = (n + CHUNK - 1) / CHUNK;                                                         \
-    double* part = phase != PHASE_APPLY ? (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1)) : NULL; \
+    double* part = LB_RUN_PASS1 ? (double*)malloc(sizeof(double) * 2 * (nch > 0 ? nch : 1)) : NULL; \
     _Pragma("omp parallel num_threads(nt) if(nt > 1 && nch > 1)")                                  \
     {                                                                                              \
         int64_t nth = omp_get_num_threads(), t = omp_get_thread_num();                             \
         int64_t c0 = nch * t / nth, c1 = nch * (t + 1) / nth;                                      \
-        if (phase != PHASE_APPLY) {                                                                \
+        if (LB_RUN_PASS1) {                                                                        \
             for (int64_t k = c0; k < c1; k++) {                                                    \
                 int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
                 PASS1;                                                                             \
@@ -94,11 +117,10 @@ static int cmp_desc(const void* a, const void* b, void* sizes) {
             {                                                                                      \
                 double sx = 0.0, su = 0.0;                                                         \
                 for (int64_t k = 0; k < nch; k++) { sx += part[2 * k]; su += part[2 * k + 1]; }    \
-                if (phase == PHASE_NORMS) { out[0] = sx; out[1] = su; }                           \
-                else { out[0] = sqrt(sx); out[1] = sqrt(su); out[2] = (RATIO); }                   \
+                out[0] = sqrt(sx); out[1] = sqrt(su); out[2] = (RATIO);                            \
             }                                                                                      \
         }                                                                                          \
-        if (phase != PHASE_NORMS) {                                                                \
+        if (LB_RUN_PASS2) {                                                                        \
             for (int64_t k = c1 - 1; k >= c0; k--) {                                               \
                 int64_t lo = k * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;                      \
                 PASS2;                                                                             \
@@ -150,7 +172,7 @@ static void lamb_pass2_##SUF(T* restrict x, const T* restrict scratch, int64_t l
                                                                                                    \
 static void lamb_tensor_##SUF(T* x, const T* g, T* m, T* v, T* scratch, int64_t n,                 \
                               const double* coef, int trust, const LambHyper* h, double* out,       \
-                              int phase, int nt) {                                                  \
+                              int nt) {                                                             \
     TWO_PASS_TENSOR(lamb_pass1_##SUF(x, g, m, v, scratch, lo, hi, coef, h, part + 2 * k),          \
                     trust ? phi_ratio(out[0], out[1], h->phi, h->has_min, h->phi_min, h->has_max,  \
                                       h->phi_max) : 1.0,                                           \
@@ -201,7 +223,7 @@ static void lars_range_##SUF(T* restrict x, const T* restrict g, T* restrict m, 
 }                                                                                                  \
                                                                                                    \
 static void lars_tensor_##SUF(T* x, const T* g, T* m, int64_t n, int trust, const LarsHyper* h,   \
-                              double* out, int phase, int nt) {                                    \
+                              double* out, int nt) {                                    \
     TWO_PASS_TENSOR(lars_range_##SUF(x, g, m, lo, hi, h, 1, 0.0, part + 2 * k),                    \
                     trust ? lars_ratio(out[0], out[1], h) : 1.0,                                   \
                     lars_range_##SUF(x, g, m, lo, hi, h, 2, out[2], NULL))                         \
@@ -217,7 +239,7 @@ DEFINE_LARS(double, f64, double)
  * scratch buffer needs max(largest large tensor, nthreads * slot) elements (_kernel.scratch_elements). */
 #define DRIVER(NAME, T, CALL)                                                                      \
 int NAME(int64_t n, void** xs, void** gs, void** ms, void** vs, const int64_t* numel,              \
-         const double* coefs, const uint8_t* trust, const void* hyper, double* out, int phase,     \
+         const double* coefs, const uint8_t* trust, const void* hyper, double* out,                \
          int nthreads, void* scratch_v, int64_t par_threshold) {                                    \
     (void)vs; (void)coefs; (void)scratch_v;                                                        \
     int64_t* order = (int64_t*)malloc(sizeof(int64_t) * (n > 0 ? n : 1));                          \
@@ -240,13 +262,40 @@ int NAME(int64_t n, void** xs, void** gs, void** ms, void** vs, const int64_t* n
     return 0;                                                                                      \
 }
 
-DRIVER(lb_lamb_f32, float, lamb_tensor_f32((float*)xs[i], (const float*)gs[i], (float*)ms[i], (float*)vs[i], scratch, numel[i], coefs + 5 * i, trust[i], (const LambHyper*)hyper, out + 3 * i, phase, nt))
-DRIVER(lb_lamb_f64, double, lamb_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], (double*)vs[i], scratch, numel[i], coefs + 5 * i, trust[i], (const LambHyper*)hyper, out + 3 * i, phase, nt))
-DRIVER(lb_lars_f32, float, (void)scratch; lars_tensor_f32((float*)xs[i], (const float*)gs[i], (float*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, phase, nt))
-DRIVER(lb_lars_f64, double, (void)scratch; lars_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, phase, nt))
+DRIVER(lb_lamb_f32, float, lamb_tensor_f32((float*)xs[i], (const float*)gs[i], (float*)ms[i], (float*)vs[i], scratch, numel[i], coefs + 5 * i, trust[i], (const LambHyper*)hyper, out + 3 * i, nt))
+DRIVER(lb_lamb_f64, double, lamb_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], (double*)vs[i], scratch, numel[i], coefs + 5 * i, trust[i], (const LambHyper*)hyper, out + 3 * i, nt))
+DRIVER(lb_lars_f32, float, (void)scratch; lars_tensor_f32((float*)xs[i], (const float*)gs[i], (float*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, nt))
+DRIVER(lb_lars_f64, double, (void)scratch; lars_tensor_f64((double*)xs[i], (const double*)gs[i], (double*)ms[i], numel[i], trust[i], (const LarsHyper*)hyper, out + 3 * i, nt))
 
-/* A memory-bandwidth probe for the benchmark: streams a[i] = b[i] + s * c[i] (triad). */
-void lb_triad_f32(float* a, const float* b, const float* c, int64_t n, float s, int nthreads) {
-    _Pragma("omp parallel for simd schedule(static) num_threads(nthreads)")
-    for (int64_t i = 0; i < n; i++) a[i] = b[i] + s * c[i];
+/* ----------------------------------------------------------------------------- finiteness check */
+/* Index of the first tensor holding a NaN or +-inf, or -1: the optimizers' nonfinite policy, decided
+ * before anything is written. g - g is 0 for every finite g and NaN otherwise, so one sum per chunk
+ * tells (no branch in the loop, it vectorises). All chunks of all tensors are one work list in ONE
+ * parallel region (a region per tensor costs a wake-up of every thread per tensor). */
+#define DEFINE_NONFINITE(T, SUF)                                                                   \
+static int chunk_nonfinite_##SUF(const T* restrict g, int64_t lo, int64_t hi) {                   \
+    T acc = 0;                                                                                     \
+    _Pragma("omp simd reduction(+:acc)")                                                           \
+    for (int64_t i = lo; i < hi; i++) acc += g[i] - g[i];                                          \
+    return acc != acc;                                                                             \
+}                                                                                                  \
+                                                                                                   \
+int64_t lb_first_nonfinite_##SUF(int64_t n, void** gs, const int64_t* numel, int nthreads) {      \
+    int64_t* start = (int64_t*)malloc(sizeof(int64_t) * (n + 1));  /* first chunk of each tensor */ \
+    if (!start) return -2;                                                                         \
+    int64_t total = 0, first = n;                                                                  \
+    for (int64_t i = 0; i < n; i++) { start[i] = total; total += (numel[i] + CHUNK - 1) / CHUNK; } \
+    start[n] = total;                                                                              \
+    _Pragma("omp parallel for schedule(dynamic, 4) reduction(min:first) num_threads(nthreads) if(total > 4)") \
+    for (int64_t k = 0; k < total; k++) {                                                          \
+        int64_t a = 0, b = n - 1;  /* the last tensor whose first chunk is <= k (skips empty ones) */ \
+        while (a < b) { int64_t mid = (a + b + 1) / 2; if (start[mid] <= k) a = mid; else b = mid - 1; } \
+        int64_t lo = (k - start[a]) * CHUNK, hi = lo + CHUNK < numel[a] ? lo + CHUNK : numel[a];   \
+        if (a < first && chunk_nonfinite_##SUF((const T*)gs[a], lo, hi)) first = a;               \
+    }                                                                                              \
+    free(start);                                                                                   \
+    return first < n ? first : -1;                                                                 \
 }
+
+DEFINE_NONFINITE(float, f32)
+DEFINE_NONFINITE(double, f64)
