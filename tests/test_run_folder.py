@@ -30,8 +30,9 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run(tmp_path, existing):
         _ckpt(tmp_path, 3, "a" * 32)
     else:
         (tmp_path / existing).write_text(json.dumps({"run_id": "a" * 32}) + "\n")
-    with pytest.raises(RunFolderError, match=rf"--out {tmp_path} already holds a run.*continue it with --resume "
-                                             rf"{tmp_path}, or choose another --out"):
+    expected = (rf"continue it with --resume {tmp_path}, or choose another --out" if existing == "ckpt" else
+                rf"without a checkpoint to resume from: choose another --out, or delete {tmp_path} to start over")
+    with pytest.raises(RunFolderError, match=rf"--out {tmp_path} already holds a run.*" + expected):
         run_id_for(tmp_path, None)
     assert list(tmp_path.iterdir())  # nothing deleted
 

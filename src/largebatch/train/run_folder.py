@@ -66,8 +66,11 @@ def run_id_for(out: Any, resume_from: dict[str, Any] | None) -> str:
     if resume_from is None:
         if run_dir.is_dir() and holds_a_run(run_dir):
             held = f" (run {existing})" if existing else ""
-            raise RunFolderError(f"--out {run_dir} already holds a run{held}: continue it with --resume {run_dir}, "
-                                 "or choose another --out")
+            if list_checkpoints(run_dir):
+                raise RunFolderError(f"--out {run_dir} already holds a run{held}: continue it with --resume "
+                                     f"{run_dir}, or choose another --out")
+            raise RunFolderError(f"--out {run_dir} already holds a run{held} without a checkpoint to resume from: "
+                                 f"choose another --out, or delete {run_dir} to start over")
         return new_run_id()
     resumed = resume_from.get("run_id")
     if existing and resumed and existing != resumed:
