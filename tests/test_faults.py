@@ -50,12 +50,14 @@ DRIVER = textwrap.dedent("""
             return super().write(data)
 
     C._RecordingFile = Recording
-    real_replace, real_prune, real_atomic = C.os.replace, C.prune_checkpoints, C.write_atomically
+    real_replace, real_prune = C.os.replace, C.prune_checkpoints
 
-    def replace(src, dst):
-        reached("before-rename" if os.path.basename(dst).startswith("ckpt-") else "")
+    def replace(src, dst):  # points before-rename-ckpt, after-rename-summary.json, before-rename-metrics.jsonl, ...
+        name = os.path.basename(dst)
+        name = "ckpt" if name.startswith("ckpt-") else name
+        reached("before-rename-" + name)
         real_replace(src, dst)
-        reached("after-rename" if os.path.basename(dst).startswith("ckpt-") else "")
+        reached("after-rename-" + name)
 
     def prune(*a, **k):
         reached("before-prune")
@@ -142,7 +144,8 @@ def straight(tmp_path_factory):
     return config, out, base / "cache"
 
 
-@pytest.mark.parametrize("fault", ["checkpoint-bytes:2", "before-rename:1", "after-rename:3", "before-prune:2"])
+@pytest.mark.parametrize("fault", ["checkpoint-bytes:2", "before-rename-ckpt:1", "after-rename-ckpt:3", "before-prune:2",
+                                   "before-rename-summary.json:1"])
 def test_kill_inside_a_checkpoint_write_then_resume(tmp_path, straight, fault):
     config, reference, cache = straight
     out = tmp_path / "run"
@@ -153,18 +156,41 @@ def test_kill_inside_a_checkpoint_write_then_resume(tmp_path, straight, fault):
     assert_same_run(reference, out)
 
 
-def test_kill_during_a_resume_then_resume_again(tmp_path, straight):
-    """A chain: killed mid-training from outside, the resume killed inside its first checkpoint write."""
+def test_kill_during_resumes_then_resume_again(tmp_path, straight):
+    """A chain: killed after a checkpoint, the resume killed while trimming metrics.jsonl, the next one inside
+    its first checkpoint write, with a torn line appended to metrics.jsonl as a kill mid-write leaves it."""
     config, reference, cache = straight
     out = tmp_path / "run"
-    rc, _, stderr = _train(config, out, cache, fault="after-rename:2")  # dies with ckpt 4 on disk
+    rc, _, stderr = _train(config, out, cache, fault="after-rename-ckpt:2")  # dies with ckpt 4 on disk
     assert rc == -signal.SIGKILL, stderr[-2000:]
-    rc, _, stderr = _train(config, out, cache, resume=True, fault="checkpoint-bytes:1")
-    assert rc == -signal.SIGKILL, stderr[-2000:]
-    FAULT_FIGURES["kills survived"] += 2
-    FAULT_FIGURES["resumes that were themselves killed"] += 1
-    _resume_until_done(config, out, cache)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "samples": 240, "lr": 0.00')
+    for fault in ("before-rename-metrics.jsonl:1", "checkpoint-bytes:1"):
+        rc, _, stderr = _train(config, out, cache, resume=True, fault=fault)
+        assert rc == -signal.SIGKILL, stderr[-2000:]
+    FAULT_FIGURES["kills survived"] += 3
+    FAULT_FIGURES["resumes that were themselves killed"] += 2
+    stdout = _resume_until_done(config, out, cache)
+    assert "dropped a torn last line" in stdout or not (out / "metrics.jsonl").read_text().count("0.00\n")
     assert_same_run(reference, out)
+
+
+def test_resume_of_a_finished_run_changes_nothing(straight):
+    config, reference, cache = straight
+    before = {p.name: p.read_bytes() for p in reference.iterdir()}
+    rc, stdout, stderr = _train(config, reference, cache, resume=True)
+    assert rc == 0, stderr[-2000:]
+    assert f"run in {reference} is complete" in stdout
+    assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
+
+
+def test_a_fresh_run_in_a_used_folder_is_refused(straight):
+    config, reference, cache = straight
+    before = {p.name: p.read_bytes() for p in reference.iterdir()}
+    rc, _, stderr = _train(config, reference, cache)
+    assert rc == 2 and stderr.strip().splitlines()[-1].startswith(
+        f"largebatch train: error: --out {reference} already holds a run"), stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
 
 
 @pytest.mark.slow
