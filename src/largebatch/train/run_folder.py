@@ -99,12 +99,12 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
-def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """The records of a JSON-lines file and a note when its last line was torn (a kill mid-write: the line
-    is dropped). Any other line that is not a JSON object raises RunFolderError naming the file and line."""
-    text = path.read_text()
-    lines = text.split("\n")
-    records, note = [], None
+def _json_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    """(line, record) pairs of a JSON-lines file and a note when its last line was torn (a kill mid-write:
+    the line is dropped). Any other line that is not a JSON object raises RunFolderError naming the file and
+    the line."""
+    lines = path.read_text().split("\n")
+    pairs, note = [], None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -115,24 +115,38 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], str | None]:
         else:
             error = None if isinstance(record, dict) else "not a JSON object"
         if error is None:
-            records.append(record)
+            pairs.append((line, record))
         elif i == len(lines) - 1:  # no newline after it: the write was cut short
-            note = f"{path}: dropped a torn last line ({len(line)} characters, the previous process was killed " \
-                   "while writing it)"
+            note = (f"{path}: dropped a torn last line ({len(line)} characters; the previous process was killed "
+                    "while writing it)")
         else:
             raise RunFolderError(f"{path} line {i + 1} is not a JSON record ({error}); fix or delete that line")
-    return records, note
+    return pairs, note
+
+
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The records of a JSON-lines file and the torn-last-line note (see ``_json_lines``)."""
+    pairs, note = _json_lines(path)
+    return [record for _, record in pairs], note
 
 
 def trim_jsonl(path: Path, step: int) -> str | None:
     """Keep the records of steps <= ``step`` (a resumed run writes the later ones again), rewriting the file
-    atomically; returns the torn-line note, if any."""
+    atomically with the kept lines as they were; returns the torn-line note, if any."""
     if not path.exists():
         return None
-    records, note = read_jsonl(path)
-    kept = [r for r in records if r.get("step", 0) <= step]
-    write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+    pairs, note = _json_lines(path)
+    write_atomically(path, "".join(line + "\n" for line, record in pairs if record.get("step", 0) <= step))
     return note
+
+
+def last_record(path: Path, step: int) -> dict[str, Any]:
+    """The record of ``step`` in a JSON-lines file ({} if there is none): what a run killed after its last
+    checkpoint had logged for that step (loss, validation metrics) when its summary is written on resume."""
+    if not path.exists():
+        return {}
+    found = [record for record in read_jsonl(path)[0] if record.get("step") == step]
+    return found[-1] if found else {}
 
 
 def resume_notes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
