@@ -90,3 +90,32 @@ def zero_vs_unsharded(rank: int, world: int, port: int, out: str) -> None:
             json.dump(diffs, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def stuck_peer(rank: int, world: int, port: int, out: str, timeout_s: float) -> None:
+    """Rank 1 stops itself (SIGSTOP) after a first all-reduce; rank 0's next collective must end after
+    ``timeout_s`` with largebatch's one-line CollectiveTimeout, which it writes to ``out``."""
+    import signal
+    import time
+
+    from largebatch.train import distributed as D
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    ctx = D.init_from_env("gloo", timeout_s=timeout_s)
+    D.all_reduce_sum([1.0], ctx)  # both ranks are alive here
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        with D.timeouts_reported(ctx, timeout_s):
+            D.all_reduce_sum([1.0], ctx)
+        result = {"error": None}
+    except D.CollectiveTimeout as exc:
+        result = {"error": str(exc), "type": type(exc).__name__}
+    except Exception as exc:  # noqa: BLE001 - reported for the test's message
+        result = {"error": str(exc)[:2000], "type": type(exc).__name__}
+    result["waited_s"] = time.monotonic() - start
+    with open(out, "w") as f:
+        json.dump(result, f)
+    os._exit(0)  # a group with a stopped peer cannot be torn down cleanly (gloo aborts at exit)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from largebatch.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from largebatch.train.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                         set_rng_state)
 
 TINY = dict(task="mlm", optimizer="lamb", batch_size=48, micro_batch_size=20, lr=5e-3, warmup_steps=2, steps=6,
             eval_every=3, checkpoint_every=1, keep_checkpoints=3, progress=False, plot=False, threads=1,
@@ -69,16 +70,25 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "killed")
 
 
+def _state(step, value=1.0, run_id=None):
+    """A small training state with every key a real one has."""
+    w = torch.full((3,), float(value))
+    return {"step": step, "model": {"w": w},
+            "optimizer": {"state": {"w": {"step": torch.tensor(float(step)), "exp_avg": w / 10,
+                                          "exp_avg_sq": w / 100}}, "param_groups": [{"lr": 0.1, "params": ["w"]}]},
+            "rng": rng_state(), **({"run_id": run_id} if run_id else {})}
+
+
 def test_corrupt_checkpoint_clear_error_and_never_overwritten(tmp_path):
-    good = save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, tmp_path, 1)
-    bad = save_checkpoint({"step": 2, "model": {"w": torch.ones(3)}}, tmp_path, 2)
+    good = save_checkpoint(_state(1), tmp_path, 1)
+    bad = save_checkpoint(_state(2), tmp_path, 2)
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])  # truncated, e.g. the disk filled up
     with pytest.raises(CheckpointError, match=r"ckpt-00000002\.pt is truncated or corrupt.*ckpt-00000001\.pt"):
         load_checkpoint(tmp_path)
     assert load_checkpoint(good)["step"] == 1
     # a new checkpoint goes to a new file: neither the good nor the broken one is written over
-    save_checkpoint({"step": 3, "model": {"w": torch.zeros(3)}}, tmp_path, 3, keep=3)
+    save_checkpoint(_state(3, 0.0), tmp_path, 3, keep=3)
     assert load_checkpoint(good)["step"] == 1
     assert load_checkpoint(tmp_path)["step"] == 3
 
@@ -105,10 +115,8 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
     import numpy as np
 
-    from largebatch.train.checkpoint import rng_state, set_rng_state
-
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    save_checkpoint({"step": 1, "model": {}, "rng": rng_state()}, tmp_path, 1)
+    save_checkpoint(_state(1), tmp_path, 1)
     expected = (random.random(), np.random.rand(), torch.rand(2))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_state(load_checkpoint(tmp_path)["rng"])   # load_checkpoint uses weights_only=True
@@ -118,7 +126,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
 def test_retention_keeps_the_newest_and_leaves_no_temp_files(tmp_path):
     for step in range(1, 6):
-        save_checkpoint({"step": step, "model": {"w": torch.full((2,), float(step))}}, tmp_path, step, keep=2)
+        save_checkpoint(_state(step, step), tmp_path, step, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
     assert not list(tmp_path.glob(".ckpt-*"))  # the temp file became the checkpoint (os.replace)
 
@@ -131,3 +139,213 @@ def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
     train(TrainConfig(**cfg))
     with pytest.raises(ValueError, match=r"batch_size=64 \(checkpoint: 48\)"):
         train(TrainConfig(**{**cfg, "steps": 2, "batch_size": 64}), resume=str(tmp_path / "run"))
+
+
+# ---- integrity: every damaged, foreign or unsafe file is refused with one line naming it ----
+
+def _record_offset(path, name_suffix):
+    """Byte offset of the data of the first zip record whose name ends with ``name_suffix``."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(name_suffix))
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "zero-byte": lambda p: p.write_bytes(b""),
+    "truncated-10%": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 10]),
+    "truncated-last-byte": lambda p: p.write_bytes(p.read_bytes()[:-1]),
+    "garbage": lambda p: p.write_bytes(os.urandom(4096)),
+    "bit-flip-in-a-tensor": lambda p: _flip(p, _record_offset(p, "data/0") + 5),
+    "bit-flip-in-the-structure": lambda p: _flip(p, _record_offset(p, "data.pkl") + 40),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_checkpoint_is_refused_with_one_line(tmp_path, damage):
+    save_checkpoint(_state(1), tmp_path, 1)
+    path = save_checkpoint(_state(2, 2.0), tmp_path, 2, keep=2)
+    DAMAGES[damage](path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path)
+    message = str(info.value)
+    assert str(path) in message and "ckpt-00000001.pt" in message and "\n" not in message, message
+
+
+def test_a_flipped_tensor_byte_is_caught_by_the_checksum(tmp_path):
+    """torch.load alone accepts the file (a silently different model); the CRC-32 check refuses it."""
+    path = save_checkpoint(_state(1), tmp_path, 1)
+    _flip(path, _record_offset(path, "data/0") + 2)
+    assert torch.load(path, weights_only=True)["step"] == 1  # what made this check necessary
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001\.pt fails its checksum \(CRC-32 of record .*data/0"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("where, key", [("model", "w"), ("optimizer", "exp_avg"), ("optimizer", "exp_avg_sq")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_state_is_refused_naming_the_tensor(tmp_path, where, key, value):
+    state = _state(1)
+    target = state["model"] if where == "model" else state["optimizer"]["state"]["w"]
+    target[key][1] = value
+    save_checkpoint(state, tmp_path, 1)
+    name = "model.w" if where == "model" else f"optimizer.state.w.{key}"
+    with pytest.raises(CheckpointError, match=rf"ckpt-00000001\.pt: {name} holds NaN or infinite values"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["optimizer", "rng", "step", "model"])
+def test_a_checkpoint_missing_a_key_is_refused_naming_it(tmp_path, missing):
+    state = _state(1)
+    del state[missing]
+    save_checkpoint(state, tmp_path, 1)
+    with pytest.raises(CheckpointError, match=rf"ckpt-00000001\.pt lacks '{missing}'"):
+        load_checkpoint(tmp_path)
+
+
+def test_foreign_files_are_refused(tmp_path):
+    """A bare state_dict and a list are not training states; a step that is not a count neither."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "ckpt-00000001.pt")
+    with pytest.raises(CheckpointError, match="lacks 'step', 'model', 'optimizer', 'rng'"):
+        load_checkpoint(tmp_path / "ckpt-00000001.pt")
+    torch.save([1, 2], tmp_path / "ckpt-00000002.pt")
+    with pytest.raises(CheckpointError, match="does not hold a largebatch training state"):
+        load_checkpoint(tmp_path / "ckpt-00000002.pt")
+    save_checkpoint({**_state(1), "step": -3}, tmp_path, 3)
+    with pytest.raises(CheckpointError, match=r"step is -3"):
+        load_checkpoint(tmp_path / "ckpt-00000003.pt")
+
+
+def _malicious(canary):
+    """Pickled objects that would run code if loaded with a plain unpickler (each writes ``canary``)."""
+    import builtins
+    import shutil
+    import subprocess
+
+    cmd = f"touch {canary}"
+    calls = {
+        "os.system": (os.system, (cmd,)),
+        "builtins.eval": (builtins.eval, (f"open({str(canary)!r}, 'w')",)),
+        "builtins.exec": (builtins.exec, (f"open({str(canary)!r}, 'w')",)),
+        "subprocess.Popen": (subprocess.Popen, (["touch", str(canary)],)),
+        "pathlib.Path.write_text": (Path.write_text, (canary, "x")),
+        "builtins.__import__": (builtins.__import__, ("os",)),
+        "shutil.rmtree": (shutil.rmtree, (str(canary.parent / "victim"),)),
+    }
+    made = {}
+    for name, call in calls.items():
+        made[name] = type("Evil", (), {"__reduce__": lambda self, call=call: call})()
+    return made
+
+
+@pytest.mark.parametrize("name", ["os.system", "builtins.eval", "builtins.exec", "subprocess.Popen",
+                                  "pathlib.Path.write_text", "builtins.__import__", "shutil.rmtree", "plain-pickle"])
+def test_malicious_pickles_are_refused_and_nothing_runs(tmp_path, name):
+    import pickle
+
+    canary = tmp_path / "pwned"
+    (tmp_path / "victim").mkdir()
+    path = tmp_path / "ckpt-00000001.pt"
+    evil = _malicious(canary)
+    if name == "plain-pickle":  # torch's legacy (non-zip) format, as a hand-made file could be
+        path.write_bytes(pickle.dumps({**_state(1), "x": evil["os.system"]}))
+    else:
+        torch.save({**_state(1), "x": evil[name]}, path)
+    with pytest.raises(CheckpointError, match=r"ckpt-00000001\.pt is truncated or corrupt"):
+        load_checkpoint(path)
+    assert not canary.exists() and (tmp_path / "victim").is_dir()
+
+
+# ---- retention, validation, failing writes ----
+
+def test_retention_prunes_only_this_runs_checkpoints(tmp_path):
+    """An earlier, longer run's checkpoints (another run id) are never deleted by this run's retention."""
+    for step in (10, 20, 30):
+        save_checkpoint(_state(step, run_id="a" * 32), tmp_path, step, keep=3)
+    for step in (1, 2, 3):
+        save_checkpoint(_state(step, run_id="b" * 32), tmp_path, step, keep=2)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["ckpt-00000002.pt", "ckpt-00000003.pt", "ckpt-00000010.pt", "ckpt-00000020.pt",
+                     "ckpt-00000030.pt"]
+
+
+@pytest.mark.parametrize("keep", [-1, 0, "two", 1.5, True, None])
+def test_keep_checkpoints_is_validated_before_writing(tmp_path, keep):
+    from largebatch.train.checkpoint import check_keep
+
+    with pytest.raises(ValueError, match=r"Invalid keep_checkpoints: .* \(allowed: an integer >= 1"):
+        check_keep(keep)
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        save_checkpoint(_state(1), tmp_path, 1, keep=keep)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+class _FullDisk:
+    """A file that takes ``room`` bytes, then fails like a full disk."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("fill", [0.0, 0.3, 0.95])
+def test_disk_full_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fill):
+    """The write fails after ``fill`` of the checkpoint's bytes (ENOSPC): one line naming the path and the
+    disk, the earlier checkpoint kept, no temp file left."""
+    room = int(fill * save_checkpoint(_state(1), tmp_path, 1, keep=1).stat().st_size)
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FullDisk(real_fdopen(fd, *a, **k), room))
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(_state(2, 2.0), tmp_path, 2, keep=1)
+    message = str(info.value)
+    assert message.startswith(f"cannot write checkpoint {tmp_path / 'ckpt-00000002.pt'}: No space left on device")
+    assert f"the last good checkpoint {tmp_path / 'ckpt-00000001.pt'} is kept" in message and "\n" not in message
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000001.pt"]  # no temp file, nothing pruned
+    assert load_checkpoint(tmp_path)["step"] == 1
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    from largebatch.train.checkpoint import remove_stale_temps
+
+    save_checkpoint(_state(1), tmp_path, 1)
+    stale = [tmp_path / ".ckpt-abc123.tmp", tmp_path / ".metrics.jsonl.x1.tmp", tmp_path / ".run.json.y.tmp"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    (tmp_path / "notes.tmp").write_text("a user's file")
+    assert sorted(remove_stale_temps(tmp_path)) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt", "notes.tmp"]
+
+
+def test_write_atomically_replaces_whole_files(tmp_path):
+    from largebatch.train.checkpoint import write_atomically
+
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    write_atomically(path, "new\n")
+    assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]

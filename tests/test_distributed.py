@@ -55,3 +55,35 @@ def test_zero_redundancy_optimizer_equals_unsharded(tmp_path):
     _spawn(dist_workers.zero_vs_unsharded, str(out))
     diffs = json.loads(out.read_text())
     assert len(diffs) == 4 and all(d < 1e-12 for d in diffs.values()), diffs
+
+
+def test_a_stuck_rank_ends_the_collective_after_dist_timeout(tmp_path):
+    """Rank 1 is stopped (SIGSTOP); rank 0's all-reduce fails after the 2 s timeout with one line, instead of
+    hanging for torch's default 30 minutes."""
+    import multiprocessing
+
+    out = tmp_path / "stuck.json"
+    spawn, port = multiprocessing.get_context("spawn"), _free_port()
+    procs = [spawn.Process(target=dist_workers.stuck_peer, args=(rank, 2, port, str(out), 2.0)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        procs[0].join(120)
+        assert procs[0].exitcode == 0
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+    result = json.loads(out.read_text())
+    assert result["type"] == "CollectiveTimeout", result
+    assert result["error"] == ("rank 0 of 2: no answer from the other process(es) within dist_timeout=2 s: "
+                               "a rank is stuck or dead")
+    assert 1.9 < result["waited_s"] < 30
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), "10", True])
+def test_dist_timeout_is_validated(bad):
+    from largebatch.train.distributed import check_timeout
+
+    with pytest.raises(ValueError, match=r"Invalid dist_timeout: .* \(allowed: a finite number of seconds > 0\)"):
+        check_timeout(bad)

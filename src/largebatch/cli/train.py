@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from largebatch.tasks import DataMissingError
     from largebatch.train.allocator import keep_freed_memory
     from largebatch.train.checkpoint import CheckpointError
+    from largebatch.train.distributed import CollectiveTimeout
     from largebatch.train.loop import train
 
     keep_freed_memory()
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         raise  # largebatch.cli.main names the extra to install
     except (DataMissingError, CheckpointError, ImportError, ValueError, TypeError) as exc:
         return error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except FloatingPointError as exc:  # --nonfinite raise
+    except (FloatingPointError, CollectiveTimeout) as exc:  # --nonfinite raise; a stuck or dead rank
         return error(str(exc), status=1)
     report(summary, cfg.out)
     return 1 if summary.get("diverged") else 0

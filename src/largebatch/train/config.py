@@ -27,7 +27,7 @@ from pydantic.dataclasses import dataclass
 from ..optim import optimizer_names
 from ..schedules import SCHEDULES
 from ..tasks import TASKS
-from .distributed import STRATEGIES
+from .distributed import DEFAULT_TIMEOUT_S, STRATEGIES
 from .precision import NONFINITE_POLICIES, PRECISIONS
 
 EVAL_SPLITS = ("validation", "test")
@@ -81,13 +81,16 @@ class TrainConfig:
     log_every: int = _f(1, "steps between trust-ratio summaries in metrics.jsonl (0: none)", **_EVERY)
     trust_every: int = _f(0, "steps between per-tensor trust-ratio records in trust.jsonl (0: none)", **_EVERY)
     checkpoint_every: int = _f(0, "steps between checkpoints (0: only at the end)", **_EVERY)
-    keep_checkpoints: int = _f(2, "checkpoints kept in the run directory", **_POS)
+    keep_checkpoints: int = _f(2, "newest checkpoints of this run kept in the run directory (an integer >= 1)",
+                               **_POS)
     out: str = _f("runs/latest", "run directory (metrics.jsonl, checkpoints, summary.json, curves.png)",
                   min_length=1)
     threads: int | None = _f(None, "torch threads (unset: all cores)", **_POS)
     precision: str = _f("fp32", "bf16: bf16 parameters, fp32 masters in Lamb/Lars; fp16: autocast + GradScaler")
     nonfinite: str = _f("skip", "non-finite gradients: skip the step, or raise (the run fails)")
     strategy: str = _f("ddp", "with several processes: ddp (replicated) or fsdp (FSDP2, sharded)")
+    dist_timeout: float = _f(DEFAULT_TIMEOUT_S, "with several processes: seconds a collective waits for the "
+                             "others before the run fails (a stuck or dead rank)", gt=0, allow_inf_nan=False)
     phases: list[Any] | None = _f(  # items checked by check_phase, with its messages
         None, "multi-phase run (config file only): a list of dicts with batch_size, lr, warmup_steps, steps or "
         "epochs, and optionally seq_len, micro_batch_size, power, end_lr, schedule, optimizer_state")

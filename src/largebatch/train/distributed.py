@@ -6,12 +6,18 @@ is normalised by the GLOBAL number of samples / masked tokens (one small all-red
 by the world size, because DDP averages gradients: the update equals the single-process update on the
 whole global batch. Gradients are synchronised once per effective batch (``no_sync`` on the other
 micro-steps). FSDP2 sharding is handled inside the optimizers (whole-tensor norms): see docs/distributed.md.
+
+Every collective waits at most ``timeout_s`` (``dist_timeout``, default 10 minutes instead of torch's 30):
+a rank that is stuck (stopped, deadlocked) or dead makes the others fail with ``CollectiveTimeout``, one line
+naming the rank and the limit, and torchrun then ends the job.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,13 +39,29 @@ class DistContext:
         return self.rank == 0
 
 
-def init_from_env(backend: str | None = None) -> DistContext:
+#: seconds a collective may wait for the other ranks (torch's own default is 30 minutes)
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class CollectiveTimeout(RuntimeError):
+    """Another rank did not answer within the process-group timeout."""
+
+
+def check_timeout(timeout_s) -> float:
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
+            math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"Invalid dist_timeout: {timeout_s!r} (allowed: a finite number of seconds > 0)")
+    return float(timeout_s)
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    timeout_s = check_timeout(timeout_s)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     ctx = DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if torch.cuda.is_available():
         torch.cuda.set_device(ctx.local_rank)
@@ -127,6 +149,25 @@ def any_true(flag: bool, ctx: DistContext) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """gloo raises a plain RuntimeError ('Timed out waiting 2000ms for recv'), NCCL's watchdog a
+    DistBackendError ('collective operation timeout')."""
+    text = str(exc).lower()
+    return "timed out" in text or "operation timeout" in text
+
+
+@contextlib.contextmanager
+def timeouts_reported(ctx: DistContext, timeout_s: float):
+    """Turn a collective's timeout (gloo and NCCL word it differently, with pages of context) into one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not ctx.enabled or not _is_timeout(exc):
+            raise
+        raise CollectiveTimeout(f"rank {ctx.rank} of {ctx.world_size}: no answer from the other process(es) within "
+                                f"dist_timeout={timeout_s:g} s: a rank is stuck or dead") from None
 
 
 def shutdown(ctx: DistContext) -> None:

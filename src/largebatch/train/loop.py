@@ -34,11 +34,13 @@ from ..optim import create_optimizer
 from ..tasks import Task, build_task
 from . import distributed as D
 from . import resume as R
+from .checkpoint import write_atomically
 from .config import TrainConfig
 from .data import step_micro_batches
 from .evaluation import evaluate, is_due
 from .metrics_log import RunLog, dumps, tensorboard_writer_class, trust_summary
 from .precision import optimizer_overrides, prepare_model
+from .run_folder import last_record, run_id_for
 from .run_plan import RunPlan, build_run_plan
 from .scheduling import ScheduledLR, reset_optimizer_state
 from .step import Stepper, StepResult
@@ -57,11 +59,15 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     writer_cls = tensorboard_writer_class() if cfg.tensorboard else None  # fail before any work, on every rank
-    ctx = D.init_from_env()
+    ctx = D.init_from_env(timeout_s=cfg.dist_timeout)
     out = Path(cfg.out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     ckpt = R.read_resume_checkpoint(cfg, resume)
+    if (done := R.finished_run(out, ckpt)) is not None:
+        if ctx.is_main:
+            print(f"the run in {out} is complete (summary.json): nothing to resume", flush=True)
+        D.shutdown(ctx)
+        return done
+    run_id = run_id_for(out, ckpt) if ctx.is_main else None  # refuses a folder holding another run
     torch.manual_seed(cfg.seed)
     if task is None:
         with D.main_first(ctx):  # rank 0 trains and caches the tokenizer first
@@ -70,44 +76,49 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     stepper = build_stepper(cfg, task, plan, ctx)
     model, optimizer = stepper.model, stepper.optimizer
     start_step = R.restore(ckpt, stepper) if ckpt is not None else 0
+    if ctx.is_main:
+        R.take_folder(out, run_id, ckpt, ctx)
     log = RunLog(out, enabled=ctx.is_main, resume_step=start_step if ckpt is not None else None,
                  start_step=start_step, total_steps=plan.total_steps, trust_every=cfg.trust_every,
                  progress=cfg.progress, writer_cls=writer_cls)
     if ctx.is_main:
-        (out / "config.json").write_text(json.dumps(R.config_record(cfg), indent=2))
+        write_atomically(out / "config.json", json.dumps(R.config_record(cfg), indent=2))
         announce(cfg, task, optimizer, plan, ctx, start_step, ckpt)
     scheduled_lr = ScheduledLR(optimizer, plan.lr)
-    record: dict[str, Any] = {}
+    # a run killed after its last checkpoint ends here at once: its summary takes that step's logged record
+    record = last_record(out / "metrics.jsonl", start_step) if ckpt is not None and ctx.is_main else {}
     t_last = time.perf_counter()
-    for step in range(start_step, plan.total_steps):
-        enter_phase(task, optimizer, plan, step, first=step == start_step)
-        lr = scheduled_lr.apply(step)
-        result = stepper.step(task, step_micro_batches(task, plan, cfg.seed, step, ctx), step)
-        t_now = time.perf_counter()
-        record = step_record(plan, step, lr, result, stepper, t_now - t_last)
-        is_last = step + 1 == plan.total_steps
-        if cfg.log_every and is_due(cfg.log_every, step + 1, is_last):
-            record.update(trust_summary(optimizer))
-        t_last = t_now
-        if is_due(cfg.eval_every, step + 1, is_last):
-            record.update(evaluate(task, model, cfg.eval_split))
-            t_last = time.perf_counter()  # evaluation time is not training throughput
-        log.write(record, optimizer, is_last=is_last)
-        if is_due(cfg.checkpoint_every, step + 1, is_last):
-            R.save(cfg, plan, stepper, step, out)
-        if on_step is not None:
-            on_step(step + 1, record)
-        if record.get("diverged"):
-            if ctx.is_main:
-                print(f"loss is {result.loss} at step {step + 1} ({stepper.consecutive_skips} consecutive skipped "
-                      "steps): stopping (diverged)", flush=True)
-            break
+    with D.timeouts_reported(ctx, cfg.dist_timeout):  # a stuck or dead rank: one line after dist_timeout
+        for step in range(start_step, plan.total_steps):
+            enter_phase(task, optimizer, plan, step, first=step == start_step)
+            lr = scheduled_lr.apply(step)
+            result = stepper.step(task, step_micro_batches(task, plan, cfg.seed, step, ctx), step)
+            t_now = time.perf_counter()
+            record = step_record(plan, step, lr, result, stepper, t_now - t_last)
+            is_last = step + 1 == plan.total_steps
+            if cfg.log_every and is_due(cfg.log_every, step + 1, is_last):
+                record.update(trust_summary(optimizer))
+            t_last = t_now
+            if is_due(cfg.eval_every, step + 1, is_last):
+                record.update(evaluate(task, model, cfg.eval_split))
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            log.write(record, optimizer, is_last=is_last)
+            if is_due(cfg.checkpoint_every, step + 1, is_last):
+                R.save(cfg, plan, stepper, step, out, run_id)
+            if on_step is not None:
+                on_step(step + 1, record)
+            if record.get("diverged"):
+                if ctx.is_main:
+                    print(f"loss is {result.loss} at step {step + 1} ({stepper.consecutive_skips} consecutive "
+                          "skipped steps): stopping (diverged)", flush=True)
+                break
     log.close()
     if plan.multi_phase:
         task.set_train_seq_len(None)
     summary = summarize(cfg, plan, record, start_step, stepper.skipped, ctx.world_size)
     summary.update(evaluate(task, model, "test"))
     summary.update(compare_with_baseline(task, summary))
+    summary["run_id"] = run_id
     if ctx.is_main:
         finish(cfg, task, model, summary, out)
     D.shutdown(ctx)
@@ -181,7 +192,7 @@ def compare_with_baseline(task: Task, summary: dict[str, Any]) -> dict[str, Any]
 
 def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, summary: dict[str, Any], out: Path) -> None:
     """Main process, end of a run: summary.json, the task's ``save_pretrained`` export, the plot."""
-    (out / "summary.json").write_text(dumps(summary, indent=2))
+    write_atomically(out / "summary.json", dumps(summary, indent=2))
     save_pretrained = getattr(task, "save_pretrained", None)
     if save_pretrained is not None:
         save_pretrained(model, out / "hf")

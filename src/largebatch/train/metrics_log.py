@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
+
+from .run_folder import trim_jsonl
 
 
 def strict_json(record: dict[str, Any]) -> dict[str, Any]:
@@ -57,14 +60,16 @@ def trust_summary(optimizer) -> dict[str, float]:
 
 
 class JsonlLog:
-    """A JSON-lines file of a run; on resume, records after the checkpoint's step are dropped first."""
+    """A JSON-lines file of a run; on resume, records after the checkpoint's step are dropped first (atomically;
+    a line torn by a kill is dropped with a note)."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        if resume_step is not None and path.exists():
-            kept = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            path.write_text("".join(l + "\n" for l in kept))
-        elif resume_step is None and path.exists():
+        if resume_step is not None:
+            note = trim_jsonl(path, resume_step)
+            if note:
+                print(f"note: {note}", file=sys.stderr, flush=True)
+        elif path.exists():
             path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:

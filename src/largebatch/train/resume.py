@@ -1,18 +1,24 @@
 """Checkpointing for the trainer: build a checkpoint's payload, restore one, refuse a mismatched resume.
 
-The file format (atomic writes, keeping the last few, the RNG state) is ``largebatch.train.checkpoint``;
-this module decides what goes in a payload. The step alone determines what comes next (data order, masks
-and LR are functions of it); the data position and LR are stored to make the file self-describing.
+The file format (atomic writes, keeping the last few of this run, verification, the RNG state) is
+``largebatch.train.checkpoint``, the run folder's ownership (run id, stale temp files, metrics trim)
+``largebatch.train.run_folder``; this module decides what goes in a payload. The step alone determines what
+comes next (data order, masks and LR are functions of it); the data position and LR are stored to make the
+file self-describing, the thread count and world size to warn when a resume cannot be bit-identical.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .run_folder import claim, finished_summary, folder_run_id, resume_notes
 from .config import TrainConfig
 from .data import data_position
 from .run_plan import RunPlan
@@ -49,6 +55,27 @@ def read_resume_checkpoint(cfg: TrainConfig, resume: str | None) -> dict[str, An
     return ckpt
 
 
+def finished_run(out: Path, ckpt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The summary of the run being resumed if it has already finished (then there is nothing to do)."""
+    if ckpt is None or (summary := finished_summary(out)) is None:
+        return None
+    owner = summary.get("run_id") or folder_run_id(out)
+    return summary if owner in (None, ckpt.get("run_id")) else None
+
+
+def environment(ctx: D.DistContext) -> dict[str, int]:
+    """What changes the summation order without changing the run (stored to warn on resume)."""
+    return {"threads": torch.get_num_threads(), "world_size": ctx.world_size}
+
+
+def take_folder(out: Path, run_id: str, ckpt: dict[str, Any] | None, ctx: D.DistContext) -> None:
+    """Main process, before writing anything: own the folder (run.json), remove the temp files of killed
+    writes, warn in one line when the resume will be correct but not bit-identical."""
+    claim(out, run_id)
+    for note in resume_notes(ckpt.get("environment"), environment(ctx)) if ckpt is not None else []:
+        print(note, file=sys.stderr, flush=True)
+
+
 def restore(ckpt: dict[str, Any], stepper: Stepper) -> int:
     """Load a checkpoint into the model, optimizer, RNGs, GradScaler and skip count; returns its step.
     Call after sharding: the full state is scattered to each rank's shards."""
@@ -60,7 +87,7 @@ def restore(ckpt: dict[str, Any], stepper: Stepper) -> int:
     return int(ckpt["step"])
 
 
-def save(cfg: TrainConfig, plan: RunPlan, stepper: Stepper, step: int, out: Path) -> None:
+def save(cfg: TrainConfig, plan: RunPlan, stepper: Stepper, step: int, out: Path, run_id: str | None) -> None:
     """Checkpoint the state after global ``step`` (0-based). A collective under FSDP2: call on every rank."""
     model_state, optim_state = D.full_state(stepper.model, stepper.optimizer)
     if not stepper.ctx.is_main:
@@ -71,5 +98,5 @@ def save(cfg: TrainConfig, plan: RunPlan, stepper: Stepper, step: int, out: Path
                "schedule": {"lr": plan.lr(step), "next_lr": plan.lr(step + 1), "total_steps": plan.total_steps,
                             "phase": index},
                **({"grad_scaler": stepper.scaler.state_dict()} if stepper.scaler is not None else {}),
-               "config": config_record(cfg)}
+               "config": config_record(cfg), "run_id": run_id, "environment": environment(stepper.ctx)}
     save_checkpoint(payload, out, step + 1, keep=cfg.keep_checkpoints)
