@@ -21,6 +21,18 @@ MODEL_SIZES_FILE = Path(__file__).with_name("model_sizes.json")
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
+def _brief(exc: BaseException) -> str:
+    """An exception's message on one line (the CLI prints errors as one line)."""
+    return " ".join(str(exc).split())[:200]
+
+
+def quiet_progress() -> None:
+    """No progress bars from transformers while it saves or loads weights (the run has its own)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 @lru_cache(maxsize=1)
 def model_sizes() -> dict[str, dict]:
     return {k: v for k, v in json.loads(MODEL_SIZES_FILE.read_text()).items() if not k.startswith("_")}
@@ -60,7 +72,7 @@ def load_tokenizer(path: str, option: str = "tokenizer"):
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"Invalid {option}: {path!r} holds no loadable tokenizer ({str(exc)[:200]}; allowed: a "
+        raise ValueError(f"Invalid {option}: {path!r} holds no loadable tokenizer ({_brief(exc)}; allowed: a "
                          "folder with tokenizer.json / tokenizer_config.json)") from None
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"Invalid {option}: {path!r} is a slow tokenizer (allowed: a fast tokenizer, with "
@@ -134,7 +146,7 @@ def masked_lm_config(*, model_config: str | None, model_size: str | None, vocab_
     try:
         return AutoConfig.for_model(model_type, **d)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"Invalid {option}: {exc}") from None
+        raise ValueError(f"Invalid {option}: {_brief(exc)}") from None
 
 
 def build_masked_lm(config) -> nn.Module:
@@ -169,6 +181,7 @@ def save_masked_lm(model: nn.Module, config, tokenizer, directory: str | Path) -
 
 
 def save_pretrained(hf_model: nn.Module, tokenizer, directory: str | Path) -> Path:
+    quiet_progress()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(str(directory))
@@ -185,14 +198,15 @@ def load_sequence_classifier(path: str, num_labels: int, dropout: float | None =
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"Invalid {option}: {path!r} holds no loadable model config ({str(exc)[:200]})") from None
+        raise ValueError(f"Invalid {option}: {path!r} holds no loadable model config ({_brief(exc)})") from None
     if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         raise ValueError(f"Invalid {option}: model_type {config.model_type!r} has no sequence-classification head "
                          f"(allowed: {', '.join(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)})")
+    quiet_progress()
     extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     extra = {k: v for k, v in extra.items() if hasattr(config, k)}
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             str(folder), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True, **extra)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"Invalid {option}: {path!r} could not be loaded ({str(exc)[:200]})") from None
+        raise ValueError(f"Invalid {option}: {path!r} could not be loaded ({_brief(exc)})") from None
