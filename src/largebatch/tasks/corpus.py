@@ -71,10 +71,10 @@ def _text_documents(path: Path) -> Iterator[tuple[bool, str]]:
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.rstrip("\n")
-            if not line.strip():
+            if not line.strip():  # a blank line ends the document, even right after a piece was handed on
                 if lines:
                     yield new, "\n".join(lines)
-                    lines, size, new = [], 0, True
+                lines, size, new = [], 0, True
                 continue
             lines.append(line)
             size += len(line) + 1
