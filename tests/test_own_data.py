@@ -277,3 +277,19 @@ def test_bad_inputs_name_the_option(tmp_path):
     for task, options, message in _bad_inputs(tmp_path):
         with pytest.raises(ValueError, match=message):
             build_task(task, **options)
+
+
+def test_export_from_a_run_checkpoint(tmp_path):
+    from largebatch.cli.export import export_run
+
+    a, b = _corpus(tmp_path, docs=4, lines=4)
+    options = dict(data=[str(a)], eval_data=[str(b)], model_config=str(_write_config(tmp_path, **TINY_BERT)),
+                   vocab_size=128, seq_len=32)
+    cfg = TrainConfig(task="mlm", task_options=options, out=str(tmp_path / "run"), progress=False, plot=False,
+                      threads=1, batch_size=8, micro_batch_size=8, lr=1e-2, warmup_steps=1, steps=3)
+    task = build_task("mlm", seed=0, **options)
+    train(cfg, task=task)
+    out = export_run(tmp_path / "run", tmp_path / "exported")
+    _same_logits(task, out)
+    with pytest.raises(ValueError, match="Invalid directory: .* is not an empty folder"):
+        export_run(tmp_path / "run", tmp_path / "exported")

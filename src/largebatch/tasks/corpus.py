@@ -24,7 +24,7 @@ import numpy as np
 
 PIECE_CHARS = 1 << 20
 JSONL_SUFFIXES = (".jsonl", ".json")
-DATASETS_INSTALL = "pip install -c constraints.txt 'largebatch[data]'   (or: pip install datasets)"
+DATASETS_INSTALL = "pip install -c constraints.txt 'largebatch[datasets]'   (or: pip install datasets)"
 #: without eval_data: this fraction of the documents (at least one each) is validation, the same again test
 HELD_OUT_FRACTION = 0.05
 
