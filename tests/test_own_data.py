@@ -293,3 +293,12 @@ def test_export_from_a_run_checkpoint(tmp_path):
     _same_logits(task, out)
     with pytest.raises(ValueError, match="Invalid directory: .* is not an empty folder"):
         export_run(tmp_path / "run", tmp_path / "exported")
+
+
+def test_save_pretrained_leaves_the_rng_alone(tmp_path):
+    a, _ = _corpus(tmp_path, docs=4, lines=4)
+    task = build_task("mlm", data=[str(a)], model_config=str(_write_config(tmp_path, **TINY_BERT)), vocab_size=128,
+                      seq_len=16)
+    before = torch.get_rng_state()
+    task.save_pretrained(task.model, tmp_path / "hf")
+    assert torch.equal(before, torch.get_rng_state())

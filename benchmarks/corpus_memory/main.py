@@ -6,7 +6,9 @@ For each size a plain-text corpus is generated (Zipf-distributed words from a 20
 lines of 8-24 words, documents of 5-40 lines separated by blank lines), then a fresh process builds
 ``build_task("mlm", data=[file], ...)`` with an empty cache: count documents, train WordPiece on the
 training documents (streamed), tokenise into the memory-mapped cache, open the windows. Reported per size:
-the process's peak RSS (``ru_maxrss``), its RSS right after the imports, the wall time and the cache size.
+the process's peak RSS (``ru_maxrss``), its RSS right after the imports, its anonymous and file-backed RSS
+at the end (pages of the memory-mapped token files count as file-backed RSS once read: clean page cache
+the kernel can drop), the wall time and the cache size.
 If reading were not streamed, the peak would grow with the corpus; here it should not.
 """
 from __future__ import annotations
@@ -27,9 +29,9 @@ CHILD = r"""
 import json, os, resource, sys, time
 import torch, transformers, tokenizers
 from largebatch.tasks import build_task
-def rss_mb():
+def rss_mb(field="VmRSS"):
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
 after_imports = rss_mb()
 t0 = time.perf_counter()
 task = build_task("mlm", data=[sys.argv[1]], vocab_size=8192, seq_len=128, hidden=64, layers=1, heads=1,
@@ -38,6 +40,7 @@ elapsed = time.perf_counter() - t0
 cache = task.corpus.cache
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rss_after_imports_mb": after_imports, "seconds": elapsed,
+                  "rss_anon_mb_at_end": rss_mb("RssAnon"), "rss_file_mb_at_end": rss_mb("RssFile"),
                   "train_tokens": task.corpus.meta["tokens"]["train"],
                   "documents": sum(task.corpus.meta["documents"].values()),
                   "cache_mb": sum(f.stat().st_size for f in cache.iterdir()) / 2**20,

@@ -224,7 +224,8 @@ class ClassifyTask(Task):
 
     def save_pretrained(self, model: nn.Module, directory) -> Path:
         """The classifier (``AutoModelForSequenceClassification``, labels in its config) and tokenizer."""
-        fresh = type(self.model)(self.model.config)
+        with torch.random.fork_rng(devices=[]):  # a fresh model's initialisation must not move the run's RNG
+            fresh = type(self.model)(self.model.config)
         fresh.load_state_dict(hf.full_state_dict(model))
         tokenizer = self.tokenizer if self.config.model else self.hf_tokenizer
         return hf.save_pretrained(fresh, tokenizer, directory)

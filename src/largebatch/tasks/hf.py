@@ -175,7 +175,8 @@ def save_masked_lm(model: nn.Module, config, tokenizer, directory: str | Path) -
 
     ``model`` may be any module whose state_dict keys are the HF model's (the task's masked-only wrapper).
     """
-    hf = build_masked_lm(config)
+    with torch.random.fork_rng(devices=[]):  # a fresh model's initialisation must not move the run's RNG
+        hf = build_masked_lm(config)
     hf.load_state_dict(full_state_dict(model))
     return save_pretrained(hf, tokenizer, directory)
 
