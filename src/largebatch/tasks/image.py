@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .base import DataMissingError, Task, cache_dir
 from .image_folder import ImageFolder
+from .options import task_config
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -109,11 +110,20 @@ class ImageConfig:
     label_smoothing: float = 0.0
     limit_train: int | None = None
     seed: int = 0
-    data: str | None = None            # an image folder: one sub-folder per class (else `dataset`)
-    eval_data: str | None = None       # the same layout, held out (validation and test)
+    data: str | list[str] | None = None       # an image folder: one sub-folder per class (else `dataset`)
+    eval_data: str | list[str] | None = None  # the same layout, held out (validation and test)
     image_size: int = 32               # own images are resized to image_size x image_size
     channels: int = 3                  # own images: 1 (grey) or 3 (RGB)
     held_out_fraction: float = 0.1     # own images without eval_data: validation and test, each, per class
+
+
+def one_folder(value: str | list[str] | None, option: str) -> str | None:
+    """The image folder of ``data`` / ``eval_data`` (the command line gives a list)."""
+    if value is None or isinstance(value, str):
+        return value
+    if len(value) != 1:
+        raise ValueError(f"Invalid {option}: {value!r} (allowed: one image folder, with one sub-folder per class)")
+    return value[0]
 
 
 def random_crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
@@ -142,7 +152,7 @@ class ImageTask(Task):
     name = "image"
 
     def __init__(self, **options):
-        self.config = cfg = ImageConfig(**options)
+        self.config = cfg = task_config(ImageConfig, options, "image")
         self.classes = list(FASHION_CLASSES) if cfg.dataset == "fashion-mnist" else [str(i) for i in range(10)]
         if cfg.eval_data and not cfg.data:
             raise ValueError("Invalid eval_data: given without data (allowed: only together with data)")
@@ -167,6 +177,7 @@ class ImageTask(Task):
                                  in_channels=self.data["train"][0].shape[1])
 
     def _load_folders(self, cfg: ImageConfig) -> dict[str, tuple[Tensor, Tensor]]:
+        cfg.data, cfg.eval_data = one_folder(cfg.data, "data"), one_folder(cfg.eval_data, "eval_data")
         train = ImageFolder(cfg.data, cfg.image_size, cfg.channels, option="data")
         self.classes = train.classes
         if cfg.eval_data:
