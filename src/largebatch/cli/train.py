@@ -113,7 +113,17 @@ def build_config(args: argparse.Namespace):
     task = cli.get("task", file_values.get("task", DEFAULT_TASK))
     if not isinstance(task, str) or task not in TASK_DEFAULTS:
         raise ValueError(f"Invalid task: {task!r} (allowed: {' | '.join(TASK_DEFAULTS)})")
-    return make_config(merge({"task": task, "out": f"runs/{task}"}, TASK_DEFAULTS[task], file_values, cli))
+    defaults = task_defaults(task, model_folder=bool(cli.get("model") or file_values.get("model")))
+    return make_config(merge({"task": task, "out": f"runs/{task}"}, defaults, file_values, cli))
+
+
+def task_defaults(task: str, model_folder: bool) -> dict[str, Any]:
+    """The task's defaults; classify's default encoder (the runs/mlm checkpoint) gives way to a ``model`` folder."""
+    defaults = TASK_DEFAULTS[task]
+    if model_folder and "checkpoint" in defaults.get("task_options", {}):
+        options = {k: v for k, v in defaults["task_options"].items() if k != "checkpoint"}
+        defaults = {**defaults, "task_options": options}
+    return defaults
 
 
 def check_before_work(cfg) -> None:

