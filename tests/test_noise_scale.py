@@ -4,13 +4,13 @@ import contextlib
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from test_distributed import _spawn  # 2 gloo processes, retried on a taken port
 
 from largebatch.train.noise_scale import (NoiseScaleTracker, layer_type_groups, simple_noise_scale, steps_model,
                                           two_batch_estimates)
@@ -174,12 +174,6 @@ def test_per_group_estimates_add_up_and_state_round_trips():
 
 # -- the same estimate from accumulation and from DDP ------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ddp_worker(rank, world, port, out, micro_per_rank, steps):
     """Each rank takes its contiguous share of every global batch, ``micro_per_rank`` micro-batches of it,
     through DDP (no_sync on all but the last); rank 0 writes the per-step raw estimates and the summary."""
@@ -207,17 +201,6 @@ def ddp_worker(rank, world, port, out, micro_per_rank, steps):
             json.dump({"raw": raw, "summary": tracker.summary()}, f)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _spawn(fn, *args, attempts=3):
-    """2 gloo processes; a crash (not a wrong result) is retried with a fresh port (shared machine)."""
-    for attempt in range(attempts):
-        try:
-            mp.spawn(fn, args=(2, _free_port(), *args), nprocs=2, join=True)
-            return
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):
-            if attempt == attempts - 1:
-                raise
 
 
 @pytest.mark.distributed
