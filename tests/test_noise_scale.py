@@ -118,6 +118,10 @@ def test_unequal_micro_batches_and_ema_summary():
     assert abs(s["grad_trace_cov"] - trace) < 4 * se_ema[1]
     assert s["b_simple"] == pytest.approx(s["grad_trace_cov"] / s["grad_sq_norm"])
     assert s["b_simple/Linear"] == pytest.approx(s["b_simple"])
+    # the window: plain means of the per-step estimates since the last summary (here: all steps)
+    assert s["window_steps"] == steps
+    assert (s["window_grad_sq_norm"], s["window_grad_trace_cov"]) == pytest.approx(raw.mean(0).tolist(), rel=1e-9)
+    assert "window_steps" not in tracker.summary()  # each summary starts a new window
 
 
 def test_one_batch_size_says_what_it_needs():
@@ -163,11 +167,12 @@ def test_per_group_estimates_add_up_and_state_round_trips():
     grad_sq, trace = tracker.last
     assert float(grad_sq[:-1].sum()) == pytest.approx(float(grad_sq[-1]))
     assert float(trace[:-1].sum()) == pytest.approx(float(trace[-1]))
-    assert set(tracker.summary()) == {"b_simple", "grad_sq_norm", "grad_trace_cov", "b_simple/LayerNorm",
-                                      "b_simple/Linear"}
     other = NoiseScaleTracker(model, ema=0.9)
     other.load_state_dict(tracker.state_dict())
-    assert other.summary() == tracker.summary()
+    summary = tracker.summary()
+    assert set(summary) == {"b_simple", "grad_sq_norm", "grad_trace_cov", "b_simple/LayerNorm", "b_simple/Linear",
+                            "window_steps", "window_grad_sq_norm", "window_grad_trace_cov", "window_b_simple"}
+    assert other.summary() == summary
     tracker.close()
     other.close()
 

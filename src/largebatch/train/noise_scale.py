@@ -93,7 +93,7 @@ class NoiseScaleTracker:
     micro-batches are small batches of the same step).
     """
 
-    def __init__(self, model: nn.Module, *, groups: Mapping[str, str] | None = None, ema: float = 0.95,
+    def __init__(self, model: nn.Module, *, groups: Mapping[str, str] | None = None, ema: float = 0.99,
                  distributed: bool = False):
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"Invalid ema: {ema!r} (allowed: 0 <= ema < 1)")
@@ -124,6 +124,8 @@ class NoiseScaleTracker:
         self._inv_sizes: list[float] = []
         self._ema_grad_sq = torch.zeros(len(self.group_names) + 1, device=device, dtype=self.dtype)
         self._ema_trace = torch.zeros_like(self._ema_grad_sq)
+        self._window = torch.zeros(2, len(self.group_names) + 1, device=device, dtype=self.dtype)  # Σ |G|², Σ tr Σ
+        self.window_steps = 0
         self.steps = 0
         self.last: tuple[Tensor, Tensor] | None = None  # the last step's raw (|G|², tr Σ), groups + overall
         self._handles = [p.register_hook(functools.partial(self._record, j)) for j, p in enumerate(self.params)]
@@ -177,8 +179,11 @@ class NoiseScaleTracker:
         grad_sq, trace = two_batch_estimates(small_sq, big_sq, inv_small, 1.0 / batch_size)
         self._ema_grad_sq.mul_(self.ema).add_(grad_sq, alpha=1.0 - self.ema)
         self._ema_trace.mul_(self.ema).add_(trace, alpha=1.0 - self.ema)
+        self._window[0].add_(grad_sq)
+        self._window[1].add_(trace)
         self.last = (grad_sq, trace)
         self.steps += 1
+        self.window_steps += 1
         self.discard()
 
     def _full_batch_norms(self) -> Tensor:
@@ -195,9 +200,12 @@ class NoiseScaleTracker:
 
     # -- reading -----------------------------------------------------------------------------------
     def summary(self) -> dict[str, float | None]:
-        """The smoothed estimates (one host sync): ``b_simple`` and ``b_simple/<group>``, and the
-        bias-corrected averages ``grad_sq_norm`` (|G|²) and ``grad_trace_cov`` (tr Σ). Empty before
-        the first ``update``."""
+        """The estimates as plain numbers (one host sync); empty before the first ``update``.
+
+        ``b_simple`` and ``b_simple/<group>``: the ratio of the moving averages; ``grad_sq_norm`` (|G|²)
+        and ``grad_trace_cov`` (tr Σ): the bias-corrected moving averages. ``window_*``: the plain means
+        of the per-step estimates since the previous ``summary()`` (``window_steps`` of them), which a
+        later analysis can combine over any span; each call starts a new window."""
         if self.steps == 0:
             return {}
         correction = 1.0 - self.ema ** self.steps
@@ -207,11 +215,19 @@ class NoiseScaleTracker:
                                         "grad_sq_norm": grad_sq[-1], "grad_trace_cov": trace[-1]}
         for name, g, t in zip(self.group_names, grad_sq, trace):
             out[f"b_simple/{name}"] = simple_noise_scale(t, g)
+        if self.window_steps:
+            window_grad_sq, window_trace = (self._window[:, -1] / self.window_steps).tolist()
+            out.update(window_steps=self.window_steps, window_grad_sq_norm=window_grad_sq,
+                       window_grad_trace_cov=window_trace,
+                       window_b_simple=simple_noise_scale(window_trace, window_grad_sq))
+            self._window.zero_()
+            self.window_steps = 0
         return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "ema_grad_sq": self._ema_grad_sq.cpu(), "ema_trace": self._ema_trace.cpu(),
-                "groups": list(self.group_names), "ema": self.ema}
+                "window": self._window.cpu(), "window_steps": self.window_steps, "groups": list(self.group_names),
+                "ema": self.ema}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["groups"]) != self.group_names:
@@ -219,6 +235,8 @@ class NoiseScaleTracker:
         self.steps = int(state["steps"])
         self._ema_grad_sq.copy_(state["ema_grad_sq"])
         self._ema_trace.copy_(state["ema_trace"])
+        self._window.copy_(state["window"])
+        self.window_steps = int(state["window_steps"])
 
     def close(self) -> None:
         """Remove the gradient hooks."""
