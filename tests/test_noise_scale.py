@@ -221,3 +221,21 @@ def test_ddp_equals_accumulation_on_the_same_samples(tmp_path, micro_per_rank):
     raw, tracker = run_steps(steps, [size] * (2 * micro_per_rank), ema=0.9)
     torch.testing.assert_close(torch.tensor(ddp["raw"], dtype=torch.float64), raw, rtol=1e-10, atol=1e-12)
     assert ddp["summary"] == pytest.approx(tracker.summary(), rel=1e-10)
+
+
+def test_plot_noise_scale(tmp_path):
+    from largebatch.plots import batch_sizes, plot_noise_scale
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": s, "samples": 16 * s if s <= 4 else 64 + 32 * (s - 4), "loss": 1.0} for s in range(1, 9)]
+    recs[3].update({"b_simple": 40.0, "b_simple/Linear": 30.0, "b_simple/LayerNorm": None})
+    recs[7].update({"b_simple": 90.0, "b_simple/Linear": 70.0, "b_simple/LayerNorm": 5.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert [b for _, b in batch_sizes(recs)] == [16] * 4 + [32] * 4  # a two-phase run's batches
+    out = plot_noise_scale([run], tmp_path / "noise.png")
+    assert out.stat().st_size > 10_000
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if "b_simple" not in k}) + "\n"
+                                               for r in recs))
+    with pytest.raises(ValueError, match="--noise-scale"):
+        plot_noise_scale([run], tmp_path / "none.png")

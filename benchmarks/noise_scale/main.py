@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -42,6 +43,23 @@ def timed_step(task, model, optimizer, micro_batches, sizes, tracker) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+def tracker_cost_s(tracker: NoiseScaleTracker, micro_batches: int, repeats: int = 50) -> float:
+    """The tracker's own work for one step, timed alone (best of 5): per micro-batch the hooks' norms of
+    every tensor's gradient (the current ``.grad`` standing in for the backward's), then ``update``. On a
+    loaded machine this bounds the added work far more tightly than the difference of two step times."""
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for _ in range(micro_batches):
+                tracker.micro_batch(samples=1, grad_scale=1.0)
+                for j, p in enumerate(tracker.params):
+                    tracker._record(j, p.grad)  # what the gradient hook runs
+            tracker.update(micro_batches)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,11 +97,15 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             tracker.summary()
             summary_s.append(time.perf_counter() - start)
+    for p in model.parameters():  # gradients to stand in for a backward's in tracker_cost_s
+        p.grad = torch.randn_like(p)
+    own = tracker_cost_s(tracker, len(parts))
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"task": args.task, "batch": args.batch, "micro": args.micro, "threads": args.threads,
               "tensors": len(tracker.params), "steps_each": {k: len(v) for k, v in times.items()},
               "median_step_s": med, "ratio_with_over_without": med["with"] / med["without"],
               "min_step_s": {k: min(v) for k, v in times.items()},
+              "tracker_work_s": own, "tracker_work_over_median_step": own / med["without"],
               "median_summary_s": statistics.median(summary_s), "summary": tracker.summary(),
               "loadavg_before_after": [load_before, os.getloadavg()], "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
