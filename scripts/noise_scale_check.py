@@ -27,15 +27,16 @@ def window_estimates(run: Path) -> list[dict]:
     return [r for r in recs if r.get("window_steps")]
 
 
-def noise_near(windows: list[dict], stop: float, fraction: float = 0.25) -> tuple[float | None, int]:
-    """B_simple from the windows ending in (stop·(1 − fraction), stop]: ratio of the step-weighted means."""
+def noise_near(windows: list[dict], stop: float, fraction: float = 0.25) -> tuple[float | None, int, list[float]]:
+    """B_simple from the windows ending in (stop·(1 − fraction), stop]: the ratio of the step-weighted means,
+    the number of steps pooled, and the windows' own values (their spread shows the estimate's noise)."""
     chosen = [w for w in windows if stop * (1 - fraction) < w["step"] <= stop]
     steps = sum(w["window_steps"] for w in chosen)
     if not steps:
-        return None, 0
+        return None, 0, []
     grad_sq = sum(w["window_grad_sq_norm"] * w["window_steps"] for w in chosen) / steps
     trace = sum(w["window_grad_trace_cov"] * w["window_steps"] for w in chosen) / steps
-    return simple_noise_scale(trace, grad_sq), steps
+    return simple_noise_scale(trace, grad_sq), steps, [w["window_b_simple"] for w in chosen]
 
 
 def compare(run: Path, results_root: Path) -> dict:
@@ -47,31 +48,35 @@ def compare(run: Path, results_root: Path) -> dict:
     b0 = batches[0]
     s0 = measured[str(b0)]["median_steps"]
     windows = window_estimates(run)
-    noise, steps = noise_near(windows, s0)
+    noise, steps, spread = noise_near(windows, s0)
+    values = [v for v in spread if v and v > 0]
+    lo, hi = (min(values), max(values)) if values else (None, None)
     rows = []
     for b in batches:
         m = measured[str(b)]
-        predicted = steps_model(b, s0 / (1 + noise / b0), noise) if noise else None
+        predict = lambda n: steps_model(b, s0 / (1 + n / b0), n) if n else None  # noqa: E731
         rows.append({"batch": b, "measured_steps": m["median_steps"], "reached": f"{m['reached']}/{m['n']}",
                      "measured_efficiency": m.get("efficiency"), "efficiency_bound": m.get("efficiency_bound"),
-                     "upper_bound": m.get("upper_bound"), "predicted_steps": predicted,
+                     "upper_bound": m.get("upper_bound"), "predicted_steps": predict(noise),
+                     "predicted_steps_range": [predict(hi), predict(lo)] if values else None,
                      "predicted_efficiency": (b0 + noise) / (b + noise) if noise else None})
     over_training = [(w["step"], w["window_b_simple"]) for w in windows]
     return {"suite": suite, "optimizer": cfg["optimizer"], "lr": cfg["lr"], "b0": b0, "target": results["target"],
             "s0": s0, "s0_upper_bound": measured[str(b0)].get("upper_bound"), "b_noise": noise,
-            "b_noise_steps": steps, "rows": rows, "over_training": over_training, "run": run.name}
+            "b_noise_steps": steps, "b_noise_window_range": [lo, hi], "rows": rows, "over_training": over_training, "run": run.name}
 
 
 def markdown(check: dict) -> str:
     fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"| batch | measured steps (reached) | measured efficiency | predicted steps | predicted efficiency |",
-             "|---:|---:|---:|---:|---:|"]
+    lines = ["| batch | measured steps (reached) | measured efficiency | predicted steps (window range) | "
+             "predicted efficiency |", "|---:|---:|---:|---:|---:|"]
     for r in check["rows"]:
         bound = "≤ " if r["upper_bound"] else ""
         eff = r["measured_efficiency"]
+        rng = "–".join(fmt(v, ".0f") for v in r["predicted_steps_range"]) if r["predicted_steps_range"] else "—"
         eff_s = "—" if eff is None else f"{'' if r['efficiency_bound'] in (None, '=') else r['efficiency_bound'] + ' '}{eff:.2f}"
         lines.append(f"| {r['batch']} | {bound}{fmt(r['measured_steps'], '.0f')} ({r['reached']}) | {eff_s} | "
-                     f"{fmt(r['predicted_steps'], '.0f')} | {fmt(r['predicted_efficiency'], '.2f')} |")
+                     f"{fmt(r['predicted_steps'], '.0f')} ({rng}) | {fmt(r['predicted_efficiency'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -86,8 +91,11 @@ def plot(checks: list[dict], out: Path) -> None:
     for col, suite in enumerate(suites):
         ax_s, ax_n = axes[0, col], axes[1, col]
         for c in (c for c in checks if c["suite"] == suite):
-            pts = [(r["batch"], r["measured_steps"]) for r in c["rows"] if r["measured_steps"]]
-            (line,) = ax_s.plot(*zip(*pts), "o", ms=6, label=f"{c['optimizer']} measured")
+            pts = [(r["batch"], r["measured_steps"]) for r in c["rows"] if r["measured_steps"] and not r["upper_bound"]]
+            bounds = [(r["batch"], r["measured_steps"]) for r in c["rows"] if r["measured_steps"] and r["upper_bound"]]
+            (line,) = ax_s.plot(*zip(*pts), "o", ms=6, label=f"{c['optimizer']} measured (open: an upper bound)")
+            if bounds:
+                ax_s.plot(*zip(*bounds), "o", ms=6, mfc="none", color=line.get_color())
             if c["b_noise"]:
                 bs = [c["b0"] * 2 ** (k / 4) for k in range(4 * 6 + 1)]
                 s_min = c["s0"] / (1 + c["b_noise"] / c["b0"])
@@ -96,9 +104,11 @@ def plot(checks: list[dict], out: Path) -> None:
             steps, values = zip(*[(s, v) for s, v in c["over_training"] if v and v > 0]) or ((), ())
             ax_n.plot(steps, values, "-", color=line.get_color(), label=f"{c['optimizer']} (b={c['b0']})")
             ax_n.axvline(c["s0"], color=line.get_color(), ls=":", lw=1)
+            ax_n.axhline(c["b0"], color="grey", ls="--", lw=1)
         ax_s.set(xscale="log", yscale="log", xlabel="batch", ylabel="steps to the validation target",
                  title=f"{suite}: measured (points) vs S = S_min (1 + B_noise/B)")
-        ax_n.set(yscale="log", xlabel="step (dotted: target met at the smallest batch)", ylabel="B_simple",
+        ax_n.set(yscale="log", xlabel="step (dotted: target met at the smallest batch; dashed: that batch)",
+                 ylabel="B_simple (window means)",
                  title=f"{suite}: B_simple over training at the smallest batch")
         for ax in (ax_s, ax_n):
             ax.grid(alpha=0.3, which="both")
