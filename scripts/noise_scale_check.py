@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from largebatch.train.noise_scale import simple_noise_scale, steps_model
@@ -39,7 +40,33 @@ def noise_near(windows: list[dict], stop: float, fraction: float = 0.25) -> tupl
     return simple_noise_scale(trace, grad_sq), steps, [w["window_b_simple"] for w in chosen]
 
 
-def compare(run: Path, results_root: Path) -> dict:
+def steps_to_train_loss(run_dir: Path, target: float, smooth: float = 0.05) -> int | None:
+    """First step at which the trailing mean of the logged training losses (over ``smooth`` of the run's
+    records) is at or below ``target``; None if never. The mean lags by about half its window, the same
+    fraction of every run."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    k = max(1, round(len(recs) * smooth))
+    for i in range(k - 1, len(recs)):
+        if sum(r["loss"] for r in recs[i - k + 1:i + 1]) / k <= target:
+            return recs[i]["step"]
+    return None
+
+
+def train_loss_steps(results: dict, results_root: Path, optimizer: str, target: float) -> dict[int, list[int | None]]:
+    """Steps to the training-loss ``target`` of every committed ladder run of ``optimizer``, by batch."""
+    out: dict[int, list[int | None]] = {}
+    for b, cell in results["table"][optimizer].items():
+        runs = [f"{optimizer}-b{b}-lr{cell['lr']:g}-s{seed}" for seed in cell["seeds"]]
+        out[int(b)] = [steps_to_train_loss(results_root / results["suite"] / "runs" / r, target) for r in runs]
+    return out
+
+
+def median_reached(steps: list[int | None]) -> float | None:
+    reached = [s for s in steps if s is not None]
+    return statistics.median(reached) if reached else None
+
+
+def compare(run: Path, results_root: Path, train_targets: dict[str, float]) -> dict:
     cfg = json.loads((run / "config.json").read_text())
     suite = SUITES[cfg["task"]]
     results = json.loads((results_root / suite / "results.json").read_text())
@@ -61,9 +88,21 @@ def compare(run: Path, results_root: Path) -> dict:
                      "predicted_steps_range": [predict(hi), predict(lo)] if values else None,
                      "predicted_efficiency": (b0 + noise) / (b + noise) if noise else None})
     over_training = [(w["step"], w["window_b_simple"]) for w in windows]
+    loss_target = train_targets[suite]
+    by_loss = train_loss_steps(results, results_root, cfg["optimizer"], loss_target)
+    loss_rows = []
+    s0_loss = median_reached(by_loss[b0])
+    noise_loss, _, _ = noise_near(windows, s0_loss) if s0_loss else (None, 0, [])
+    for b in batches:
+        med = median_reached(by_loss[b])
+        predicted = steps_model(b, s0_loss / (1 + noise_loss / b0), noise_loss) if noise_loss and s0_loss else None
+        loss_rows.append({"batch": b, "steps": by_loss[b], "median_steps": med, "predicted_steps": predicted,
+                          "measured_efficiency": s0_loss * b0 / b / med if med and s0_loss else None,
+                          "predicted_efficiency": (b0 + noise_loss) / (b + noise_loss) if noise_loss else None})
     return {"suite": suite, "optimizer": cfg["optimizer"], "lr": cfg["lr"], "b0": b0, "target": results["target"],
             "s0": s0, "s0_upper_bound": measured[str(b0)].get("upper_bound"), "b_noise": noise,
-            "b_noise_steps": steps, "b_noise_window_range": [lo, hi], "rows": rows, "over_training": over_training, "run": run.name}
+            "b_noise_steps": steps, "b_noise_window_range": [lo, hi], "rows": rows, "over_training": over_training, "run": run.name,
+            "train_loss_target": loss_target, "b_noise_at_train_loss_target": noise_loss, "train_loss_rows": loss_rows}
 
 
 def markdown(check: dict) -> str:
@@ -77,6 +116,18 @@ def markdown(check: dict) -> str:
         eff_s = "—" if eff is None else f"{'' if r['efficiency_bound'] in (None, '=') else r['efficiency_bound'] + ' '}{eff:.2f}"
         lines.append(f"| {r['batch']} | {bound}{fmt(r['measured_steps'], '.0f')} ({r['reached']}) | {eff_s} | "
                      f"{fmt(r['predicted_steps'], '.0f')} ({rng}) | {fmt(r['predicted_efficiency'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def markdown_train_loss(check: dict) -> str:
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| batch | steps per seed | median | measured efficiency | predicted steps | predicted efficiency |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in check["train_loss_rows"]:
+        per_seed = ", ".join("—" if v is None else str(v) for v in r["steps"])
+        lines.append(f"| {r['batch']} | {per_seed} | {fmt(r['median_steps'], '.0f')} | "
+                     f"{fmt(r['measured_efficiency'], '.2f')} | {fmt(r['predicted_steps'], '.0f')} | "
+                     f"{fmt(r['predicted_efficiency'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -123,14 +174,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", nargs="+", type=Path, required=True)
     p.add_argument("--results", type=Path, default=Path("docs/results"))
     p.add_argument("--out", type=Path, default=Path("docs/results/noise-scale"))
+    p.add_argument("--train-loss-target", nargs=2, action="append", metavar=("SUITE", "LOSS"),
+                   default=[["mlm-scaling", "5.95"], ["image-scaling", "0.5"]],
+                   help="training-loss target per suite, reached by every ladder run (defaults: 5.95, 0.5)")
     args = p.parse_args(argv)
-    checks = [compare(run, args.results) for run in args.runs]
+    targets = {suite: float(loss) for suite, loss in args.train_loss_target}
+    checks = [compare(run, args.results, targets) for run in args.runs]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "check.json").write_text(json.dumps(checks, indent=1))
     plot(checks, args.out)
     for c in checks:
         print(f"\n### {c['suite']} / {c['optimizer']}: B_simple = {c['b_noise']} near step {c['s0']}\n")
         print(markdown(c))
+        print(f"\nsteps to a smoothed training loss <= {c['train_loss_target']} (B_simple there: "
+              f"{c['b_noise_at_train_loss_target']}):\n")
+        print(markdown_train_loss(c))
 
 
 if __name__ == "__main__":
