@@ -66,3 +66,55 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def batch_sizes(records: list[dict]) -> list[tuple[int, float]]:
+    """(samples seen, samples per step since the previous record) for each record of a metrics.jsonl."""
+    out, samples, step = [], 0, 0
+    for r in records:
+        out.append((r["samples"], (r["samples"] - samples) / max(r["step"] - step, 1)))
+        samples, step = r["samples"], r["step"]
+    return out
+
+
+def plot_noise_scale(run_dirs: list[str | Path], out: str | Path, title: str | None = None) -> Path:
+    """B_simple over training (overall, thick; per tensor group, thin) beside the batch size each step
+    used, on one log axis in samples: where B_simple is above the batch, a larger batch still buys fewer
+    steps (docs/noise-scale.md). Raises ValueError when no run logged the noise scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    found = False
+    for run in run_dirs:
+        recs = read_metrics(run)
+        points = [r for r in recs if r.get("b_simple") is not None]
+        if not points:
+            continue
+        found = True
+        label = run_label(run)
+        (line,) = ax.plot([r["samples"] for r in points], [r["b_simple"] for r in points], "o-", ms=3, lw=1.6,
+                          label=f"{label}: B_simple")
+        color = line.get_color()
+        groups = sorted({k for r in points for k in r if k.startswith("b_simple/")})
+        for key, style in zip(groups, ("--", ":", "-.") * len(groups)):
+            pts = [(r["samples"], r[key]) for r in points if r.get(key) is not None and r[key] > 0]
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, lw=0.9, alpha=0.7, label=f"{label}: {key.split('/', 1)[1]}")
+        ax.step(*zip(*batch_sizes(recs)), where="pre", color=color, lw=2.5, alpha=0.35, label=f"{label}: batch size")
+    if not found:
+        plt.close(fig)
+        raise ValueError(f"no run among {', '.join(map(str, run_dirs))} logged b_simple "
+                         "(train with --noise-scale and gradient accumulation)")
+    ax.set(xlabel="samples seen", ylabel="samples", yscale="log",
+           title=title or "simple noise scale B_simple (lines) beside the batch size used (band)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

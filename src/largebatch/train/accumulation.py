@@ -32,6 +32,7 @@ def accumulate_gradients(
     backward: Callable[[Tensor], None] | None = None,
     total: int | None = None,
     scale: float = 1.0,
+    on_micro_batch: Callable[[int, dict[str, Tensor]], None] | None = None,
 ) -> tuple[float, int]:
     """Forward/backward every micro-batch, normalised by the true total count; returns (mean loss, count).
 
@@ -40,7 +41,8 @@ def accumulate_gradients(
     ``autocast`` wraps forward passes; ``backward`` replaces ``loss.backward()`` (e.g. a GradScaler).
     Data parallel: ``total`` is the count over ALL ranks and ``scale`` the world size (DDP averages
     gradients over ranks, so each rank's sum/total is multiplied back); the returned loss is this rank's
-    summed loss divided by the global total.
+    summed loss divided by the global total. ``on_micro_batch(i, batch)`` is called before each micro-batch's
+    forward (the gradient noise scale announces each backward to its tracker there).
     """
     if total is None:
         total = sum(count_fn(b) for b in micro_batches)
@@ -49,6 +51,8 @@ def accumulate_gradients(
     loss_sum = 0.0
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
+        if on_micro_batch is not None:
+            on_micro_batch(i, batch)
         sync_ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
         with sync_ctx:
             with autocast() if autocast is not None else contextlib.nullcontext():
