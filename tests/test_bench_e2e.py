@@ -3,8 +3,6 @@ import json
 import subprocess
 import sys
 
-
-
 from largebatch.bench import e2e, models, shapes
 
 

@@ -144,3 +144,13 @@ def test_ddp_is_refused(tmp_path):
             largebatch.step_in_backward(model, largebatch.Lamb(model.parameters()))
     finally:
         dist.destroy_process_group()
+
+
+def test_check_finite_names_the_parameter():
+    model = TiedLM()
+    opt = largebatch.param_groups(model, weight_decay=0.01)
+    handle = largebatch.step_in_backward(model, largebatch.Lamb(opt), check_finite=True)
+    model.bias.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match="bias"):
+        loss_of(model, micro_batches(0)[0]).backward()
+    handle.remove()

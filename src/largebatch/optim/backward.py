@@ -41,15 +41,24 @@ from ._base import check_subset_step
 class StepInBackward:
     """Handle returned by :func:`step_in_backward`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], *, check_finite: bool = False):
         self.optimizer = optimizer
         self.stepping = True
+        self.check_finite = check_finite
+        self._names = {id(p): name for g in optimizer.param_groups
+                       for p, name in zip(g["params"], g.get("param_names") or [None] * len(g["params"]))}
         self._hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
 
     def _step_one(self, param: torch.Tensor) -> None:
-        if self.stepping:
-            self.optimizer.step_params([param])
-            param.grad = None
+        if not self.stepping:
+            return
+        if self.check_finite and not bool(torch.isfinite(param.grad).all()):
+            name = self._names.get(id(param)) or f"a parameter of shape {tuple(param.shape)}"
+            raise FloatingPointError(f"non-finite gradient of {name} in the backward pass (step_in_backward "
+                                     "checks each gradient before its step; the tensors stepped before it keep "
+                                     "their update)")
+        self.optimizer.step_params([param])
+        param.grad = None
 
     @contextlib.contextmanager
     def accumulating(self) -> Iterator[None]:
@@ -84,13 +93,16 @@ def _distributed_reason(model: nn.Module, params: list[torch.Tensor]) -> str | N
     return None
 
 
-def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer) -> StepInBackward:
+def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                     check_finite: bool = False) -> StepInBackward:
     """Step ``optimizer`` inside ``loss.backward()``, tensor by tensor, freeing each gradient at once.
 
     ``model``: the module whose backward passes run (checked for DDP/FSDP2 wrappers); ``optimizer``: a
-    largebatch ``Lamb`` or ``Lars`` over (some of) its parameters. Returns a handle whose ``remove()``
-    restores the ordinary behaviour and whose ``accumulating()`` context skips the step (gradient
-    accumulation). See the module docstring for what is refused and why.
+    largebatch ``Lamb`` or ``Lars`` over (some of) its parameters. ``check_finite``: raise
+    ``FloatingPointError`` naming the parameter before stepping a tensor whose gradient is not finite (a
+    skip of the whole step is impossible: earlier tensors are already updated). Returns a handle whose
+    ``remove()`` restores the ordinary behaviour and whose ``accumulating()`` context skips the step
+    (gradient accumulation). See the module docstring for what is refused and why.
     """
     if not callable(getattr(optimizer, "step_params", None)):
         raise TypeError(f"step_in_backward needs an optimizer with step_params() (largebatch Lamb or Lars); "
@@ -105,4 +117,4 @@ def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step
         raise ValueError(f"step_in_backward does not support distributed training ({reason}): a gradient is "
                          "complete locally before DDP/FSDP2 reduce it across processes, so a step there would "
                          "use the local gradient; train without step_in_backward")
-    return StepInBackward(optimizer, params)
+    return StepInBackward(optimizer, params, check_finite=check_finite)
