@@ -140,16 +140,14 @@ def measure_memory(workload_name: str, batch_size: int, precision: str, variant_
     base = status_kib("VmRSS")
     workload = WORKLOADS[workload_name](batch_size)
     runner = Runner(workload, workload.model, variants()[variant_name], precision)
-    for _ in range(max(warmup, 2)):  # the first step creates the optimizer state
+    for _ in range(max(warmup, 1)):  # the first step creates the optimizer state
         runner.step()
     gc.collect()
     before = status_kib("VmRSS")
-    peaks = []
-    for _ in range(2):
-        if not reset_peak():
-            return {"error": "/proc/self/clear_refs is not writable: no peak-RSS measurement"}
-        runner.step()
-        peaks.append(status_kib("VmHWM"))
+    if not reset_peak():
+        return {"error": "/proc/self/clear_refs is not writable: no peak-RSS measurement"}
+    runner.step()
+    peaks = [status_kib("VmHWM")]
     params = [p for p in workload.model.parameters()]
     return {"peak_bytes": (max(peaks) - base) * 1024, "resident_before_step_bytes": (before - base) * 1024,
             "grad_bytes": sum(p.numel() * p.element_size() for p in params),

@@ -162,7 +162,8 @@ def run_e2e(args: argparse.Namespace) -> int:
     keep_freed_memory()  # as `largebatch train` runs: freed activations stay in the process
     load_before = os.getloadavg()[0]
     bar = tqdm(total=len(models) * len(precisions) * len(chosen) * args.steps, desc="e2e", unit="step")
-    sets = []
+    sets: list[dict] = []
+    summary = {"environment": {}, "sets": sets}
     for model in models:
         workload = WORKLOADS[model](batches[model])
         for precision in precisions:
@@ -174,11 +175,11 @@ def run_e2e(args: argparse.Namespace) -> int:
                     r.memory = e2e.memory_in_subprocess(model, batches[model], precision, name, warmup=args.warmup,
                                                         threads=torch.get_num_threads())
             sets.append(e2e.summarise(workload, precision, results))
+            # written after every set: a long run on a busy machine leaves its finished sets behind
+            summary["environment"] = {**environment(args, load_before), "transformers": transformers.__version__}
+            paths = e2e_report.write(summary, args.out)
         del workload
     bar.close()
-    env = {**environment(args, load_before), "transformers": transformers.__version__}
-    summary = {"environment": env, "sets": sets}
-    paths = e2e_report.write(summary, args.out)
     print(e2e_report.markdown(summary))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
