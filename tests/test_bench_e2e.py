@@ -38,7 +38,7 @@ def test_cli_times_every_variant_and_writes_results(tmp_path):
         for r in rows.values():
             assert 0 < r["min_ms"] <= r["median_ms"]
             assert abs(sum(r[f"{k}_ms"] for k in e2e.PHASES) - r["median_ms"]) < 0.5 * r["median_ms"]
-        sib = rows["largebatch Lamb, step in backward"]
+        sib = rows["largebatch Lamb (step in backward)"]
         assert sib["optimizer_share"] is None and sib["ratio_to_lamb"] > 0
         assert 0 < rows["largebatch Lamb"]["optimizer_share"] < 1
     assert "| variant |" in (tmp_path / "results.md").read_text()
@@ -54,7 +54,7 @@ def test_cli_rejects_bad_options_with_one_line():
 def test_step_in_backward_lowers_the_whole_step_peak_by_about_the_gradients():
     """Measured in fresh processes: ResNet-50 at batch 1, where the gradients (100 MB) dominate the peak."""
     ordinary = e2e.memory_in_subprocess("resnet50", 1, "fp32", "largebatch Lamb", warmup=1, threads=1)
-    fused = e2e.memory_in_subprocess("resnet50", 1, "fp32", "largebatch Lamb, step in backward", warmup=1,
+    fused = e2e.memory_in_subprocess("resnet50", 1, "fp32", "largebatch Lamb (step in backward)", warmup=1,
                                      threads=1)
     assert "error" not in ordinary and "error" not in fused, (ordinary, fused)
     grads = ordinary["grad_bytes"]

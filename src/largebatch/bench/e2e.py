@@ -61,7 +61,7 @@ def variants() -> dict[str, Variant]:
         Variant("largebatch Lars", lambda m: largebatch.Lars(_groups(m), lr=LR, momentum=0.9)),
     ]
     if hasattr(largebatch, "step_in_backward"):
-        out.append(Variant("largebatch Lamb, step in backward", lambda m: largebatch.Lamb(_groups(m), lr=LR),
+        out.append(Variant("largebatch Lamb (step in backward)", lambda m: largebatch.Lamb(_groups(m), lr=LR),
                            in_backward=True))
     return {v.name: v for v in out}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,7 +52,15 @@ def environment(args: argparse.Namespace, load_before: float) -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
             "steps": args.steps, "warmup": args.warmup,
-            "command": "largebatch bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])}
+            "command": command_line(args)}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The equivalent ``largebatch bench ...`` command (benchmarks/*/main.py add ``--e2e`` themselves)."""
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+    if args.e2e and "--e2e" not in argv:
+        argv = ["--e2e", *argv]
+    return "largebatch bench " + " ".join(shlex.quote(a) for a in argv)
 
 
 def run(args: argparse.Namespace) -> int:
