@@ -9,6 +9,7 @@ import largebatch
 from largebatch.optim.presets import PRESETS
 
 ALLOWED = [n for n, p in PRESETS.items() if p.options.get("max_grad_norm") is None]
+RAISE = {"nonfinite": "raise"}  # the optimizers' default, "skip", needs every gradient first: refused
 REFUSED = [n for n in PRESETS if n not in ALLOWED]
 
 
@@ -68,16 +69,16 @@ def pair(preset, dtype=torch.float32, **overrides):
     lr = 0.5 if "lars" in preset or preset == "larc" else 1e-2
     kw = {"master_weights": True} if dtype == torch.bfloat16 else {}
     o1 = largebatch.create_optimizer(preset, m1, lr=lr, **kw, **overrides)
-    o2 = largebatch.create_optimizer(preset, m2, lr=lr, **kw, **overrides)
+    o2 = largebatch.create_optimizer(preset, m2, lr=lr, **kw, **RAISE, **overrides)
     return m1, o1, m2, o2
 
 
 @pytest.mark.parametrize("preset", ALLOWED)
 def test_bit_identical_to_the_ordinary_step_on_the_kernel_path(preset):
-    from largebatch.optim import _kernel
+    from largebatch.optim import kernel
 
-    if not _kernel.available():
-        pytest.skip(f"the C kernel is unavailable here: {_kernel.unavailable_reason()}")
+    if not kernel.available():
+        pytest.skip(f"the C kernel is unavailable here: {kernel.unavailable_reason()}")
     m1, o1, m2, o2 = pair(preset)
     handle = largebatch.step_in_backward(m2, o2)
     run(m1, o1, 3)
@@ -106,7 +107,7 @@ def test_remove_restores_the_ordinary_step_and_state_dict_round_trips():
     before = [p.clone() for p in m2.parameters()]
     o2.zero_grad()
     # a fresh optimizer loaded from the state_dict continues exactly like the original
-    o3 = largebatch.create_optimizer("paper", m2, lr=1e-2)
+    o3 = largebatch.create_optimizer("paper", m2, lr=1e-2, **RAISE)
     o3.load_state_dict(o2.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters()))
     run(m1, o1, 1)
@@ -118,7 +119,7 @@ def test_remove_restores_the_ordinary_step_and_state_dict_round_trips():
 def test_global_gradient_norm_presets_are_refused(preset):
     model = TiedLM()
     with pytest.raises(ValueError, match="max_grad_norm"):
-        largebatch.step_in_backward(model, largebatch.create_optimizer(preset, model, lr=1e-3))
+        largebatch.step_in_backward(model, largebatch.create_optimizer(preset, model, lr=1e-3, **RAISE))
 
 
 def test_other_optimizers_are_refused():
@@ -127,11 +128,12 @@ def test_other_optimizers_are_refused():
         largebatch.step_in_backward(model, torch.optim.AdamW(model.parameters()))
 
 
-def test_step_params_refuses_max_grad_norm():
+def test_step_params_refuses_max_grad_norm_and_the_nonfinite_skip():
     model = TiedLM()
-    opt = largebatch.Lamb(model.parameters(), max_grad_norm=1.0)
     with pytest.raises(ValueError, match="max_grad_norm"):
-        opt.step_params(list(model.parameters()))
+        largebatch.Lamb(model.parameters(), max_grad_norm=1.0, **RAISE).step_params(list(model.parameters()))
+    with pytest.raises(ValueError, match="nonfinite"):
+        largebatch.step_in_backward(model, largebatch.Lamb(model.parameters()))  # nonfinite="skip" by default
 
 
 def test_ddp_is_refused(tmp_path):
@@ -141,15 +143,15 @@ def test_ddp_is_refused(tmp_path):
     try:
         model = nn.parallel.DistributedDataParallel(TiedLM())
         with pytest.raises(ValueError, match="DistributedDataParallel"):
-            largebatch.step_in_backward(model, largebatch.Lamb(model.parameters()))
+            largebatch.step_in_backward(model, largebatch.Lamb(model.parameters(), **RAISE))
     finally:
         dist.destroy_process_group()
 
 
-def test_check_finite_names_the_parameter():
+def test_nonfinite_raise_names_the_parameter_before_stepping_it():
     model = TiedLM()
-    opt = largebatch.param_groups(model, weight_decay=0.01)
-    handle = largebatch.step_in_backward(model, largebatch.Lamb(opt), check_finite=True)
+    opt = largebatch.Lamb(largebatch.param_groups(model, weight_decay=0.01), **RAISE)
+    handle = largebatch.step_in_backward(model, opt)
     model.bias.register_hook(lambda g: g * float("nan"))
     with pytest.raises(FloatingPointError, match="bias"):
         loss_of(model, micro_batches(0)[0]).backward()

@@ -365,13 +365,14 @@ class TrustRatioOptimizer(Optimizer):
 
     def _raise_if_nonfinite(self, only: set[int] | None = None) -> None:
         """Raise naming the first parameter (with an id in ``only``, unless None) whose gradient is not finite."""
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if (p.grad is not None and (only is None or id(p) in only)
-                        and not bool(torch.isfinite(local_tensor(p.grad)).all())):
-                    name = self._names(gi, group, [i])[0]
-                    raise FloatingPointError(f"{type(self).__name__}: non-finite gradient in {name} "
-                                             "(nonfinite='raise'; nothing was updated)")
+        found = [(gi, group, i, local_tensor(p.grad)) for gi, group in enumerate(self.param_groups)
+                 for i, p in enumerate(group["params"]) if p.grad is not None and (only is None or id(p) in only)]
+        if not found or (kernel.available() and kernel.first_nonfinite([f[3] for f in found]) == -1):
+            return  # the kernel's check reads each gradient once and allocates nothing
+        for gi, group, i, grad in found:
+            if not bool(torch.isfinite(grad).all()):
+                raise FloatingPointError(f"{type(self).__name__}: non-finite gradient in "
+                                         f"{self._names(gi, group, [i])[0]} (nonfinite='raise'; nothing was updated)")
 
     def _nonfinite_step(self) -> None:
         """A step with a non-finite gradient: raise naming the first tensor, or count the skipped step."""

@@ -15,8 +15,10 @@ With gradient accumulation, run the backward passes of all micro-batches but the
 
 Refused, with the option named:
 
-- ``max_grad_norm`` (NVLAMB's global pre-normalisation), and in the training loop global-norm gradient
-  clipping and the non-finite step skip: they need every gradient before the first tensor may change.
+- ``max_grad_norm`` (NVLAMB's global pre-normalisation) and the optimizer's ``nonfinite="skip"`` (the
+  default: pass ``nonfinite="raise"``, which checks each gradient before its tensor is stepped and raises
+  naming it, or ``"propagate"``); in a training loop also global-norm gradient clipping and fp16's
+  GradScaler. Each needs every gradient before the first tensor may change.
 - DDP and FSDP2 (a process group of more than one process): a parameter's gradient is complete locally
   before it is all-reduced (DDP) or reduce-scattered (FSDP2) in buckets by the wrapper's own hooks, so a
   hook would step on the local gradient; exactness would need the step to wait for each bucket's
@@ -41,22 +43,14 @@ from ._base import check_subset_step
 class StepInBackward:
     """Handle returned by :func:`step_in_backward`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], *, check_finite: bool = False):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
         self.optimizer = optimizer
         self.stepping = True
-        self.check_finite = check_finite
-        self._names = {id(p): name for g in optimizer.param_groups
-                       for p, name in zip(g["params"], g.get("param_names") or [None] * len(g["params"]))}
         self._hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
 
     def _step_one(self, param: torch.Tensor) -> None:
         if not self.stepping:
             return
-        if self.check_finite and not bool(torch.isfinite(param.grad).all()):
-            name = self._names.get(id(param)) or f"a parameter of shape {tuple(param.shape)}"
-            raise FloatingPointError(f"non-finite gradient of {name} in the backward pass (step_in_backward "
-                                     "checks each gradient before its step; the tensors stepped before it keep "
-                                     "their update)")
         self.optimizer.step_params([param])
         param.grad = None
 
@@ -93,16 +87,14 @@ def _distributed_reason(model: nn.Module, params: list[torch.Tensor]) -> str | N
     return None
 
 
-def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                     check_finite: bool = False) -> StepInBackward:
+def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer) -> StepInBackward:
     """Step ``optimizer`` inside ``loss.backward()``, tensor by tensor, freeing each gradient at once.
 
     ``model``: the module whose backward passes run (checked for DDP/FSDP2 wrappers); ``optimizer``: a
-    largebatch ``Lamb`` or ``Lars`` over (some of) its parameters. ``check_finite``: raise
-    ``FloatingPointError`` naming the parameter before stepping a tensor whose gradient is not finite (a
-    skip of the whole step is impossible: earlier tensors are already updated). Returns a handle whose
-    ``remove()`` restores the ordinary behaviour and whose ``accumulating()`` context skips the step
-    (gradient accumulation). See the module docstring for what is refused and why.
+    largebatch ``Lamb`` or ``Lars`` over (some of) its parameters, with ``nonfinite="raise"`` or
+    ``"propagate"``. Returns a handle whose ``remove()`` restores the ordinary behaviour and whose
+    ``accumulating()`` context skips the step (gradient accumulation). See the module docstring for what
+    is refused and why.
     """
     if not callable(getattr(optimizer, "step_params", None)):
         raise TypeError(f"step_in_backward needs an optimizer with step_params() (largebatch Lamb or Lars); "
@@ -117,4 +109,4 @@ def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer, *,
         raise ValueError(f"step_in_backward does not support distributed training ({reason}): a gradient is "
                          "complete locally before DDP/FSDP2 reduce it across processes, so a step there would "
                          "use the local gradient; train without step_in_backward")
-    return StepInBackward(optimizer, params, check_finite=check_finite)
+    return StepInBackward(optimizer, params)
