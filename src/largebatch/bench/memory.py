@@ -29,7 +29,7 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
         return False
 
 
-def _status_kib(field_name: str) -> int | None:
+def status_kib(field_name: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -40,7 +40,7 @@ def _status_kib(field_name: str) -> int | None:
     return None
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -51,14 +51,14 @@ def _reset_peak() -> bool:
 
 def measured_step(opt) -> tuple[float, int | None]:
     """(seconds, peak extra bytes or None) of one ``opt.step()``."""
-    rss0 = _status_kib("VmRSS")
-    ok = rss0 is not None and _reset_peak()
+    rss0 = status_kib("VmRSS")
+    ok = rss0 is not None and reset_peak()
     t0 = time.perf_counter()
     opt.step()
     dt = time.perf_counter() - t0
     if not ok:
         return dt, None
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return dt, max(0, (peak - rss0) * 1024) if peak is not None else None
 
 

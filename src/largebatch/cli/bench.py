@@ -1,7 +1,9 @@
-"""``largebatch bench``: one optimizer step, ours vs torch's fused AdamW and the peer libraries, one run."""
+"""``largebatch bench``: one optimizer step, ours vs torch's fused AdamW and the peer libraries, one run;
+``largebatch bench --e2e``: whole training steps of BERT-base and ResNet-50 with fused AdamW, Lamb and Lars."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -9,20 +11,64 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default="bert-base,resnet50,many-small",
                    help="comma-separated sets: bert-base, resnet50, many-small, tiny")
-    p.add_argument("--steps", type=int, default=15, help="timed steps per optimizer (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, help="timed steps per optimizer (median reported; default 15, with --e2e 5)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 2, with --e2e 1)")
     p.add_argument("--optimizers", help="comma-separated subset of names (default: all; see the table)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="writes results.json/.md and step_time.png")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-profile", action="store_true",
                    help="skip the profile (our kernel's passes timed one at a time, and its arithmetic cost)")
+    e2e = p.add_argument_group("end-to-end training steps (--e2e; benchmarks/e2e/README.md)")
+    e2e.add_argument("--e2e", action="store_true",
+                     help="time whole training steps (forward, backward, step, zero_grad) instead of the step alone")
+    e2e.add_argument("--models", default="bert-base,resnet50", help="comma-separated: bert-base, resnet50")
+    e2e.add_argument("--precisions", default="fp32,bf16-autocast", help="comma-separated: fp32, bf16-autocast")
+    e2e.add_argument("--batch", default="bert-base=8,resnet50=16",
+                     help="batch size per model, e.g. bert-base=8,resnet50=16 (BERT: 128-token sequences; "
+                          "ResNet-50: 224×224 images)")
 
 
-def run(args: argparse.Namespace) -> int:
+def fail(message: str) -> int:
+    print(f"largebatch bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def environment(args: argparse.Namespace, load_before: float) -> dict:
+    """Date, versions, threads, CPU, load and the command line of a run."""
     import datetime
     import os
     import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+            "steps": args.steps, "warmup": args.warmup,
+            "command": command_line(args)}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The equivalent ``largebatch bench ...`` command (benchmarks/*/main.py add ``--e2e`` themselves)."""
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+    if args.e2e and "--e2e" not in argv:
+        argv = ["--e2e", *argv]
+    return "largebatch bench " + " ".join(shlex.quote(a) for a in argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.e2e:
+        return run_e2e(args)
+    args.steps = 15 if args.steps is None else args.steps
+    args.warmup = 2 if args.warmup is None else args.warmup
+    import os
 
     import torch
     from tqdm.auto import tqdm
@@ -69,20 +115,80 @@ def run(args: argparse.Namespace) -> int:
         for name in tqdm(sets, desc="profile", unit="set"):
             profiles[name] = profile.profile_set(SETS[name](), repeats=args.steps)
         compute = profile.compute_cost()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    summary = {"environment": {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
-        "bandwidth_gbs": bandwidth, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
-        "steps": args.steps, "warmup": args.warmup,
-        "command": "largebatch bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
-    }, "sets": summaries, "profile": {"sets": profiles, "compute": compute}}
+    summary = {"environment": {**environment(args, load_before), "bandwidth_gbs": bandwidth},
+               "sets": summaries, "profile": {"sets": profiles, "compute": compute}}
     paths = report.write(summary, args.out)
     print(report.markdown(summary))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def parse_batches(text: str, allowed) -> dict[str, int]:
+    """``"bert-base=8,resnet50=16"`` → {name: size}; ValueError naming --batch and what is allowed."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, size = item.partition("=")
+        if name not in allowed or not size.isdigit() or int(size) < 1:
+            raise ValueError(f"--batch: {item!r} (allowed: NAME=SIZE with NAME in {', '.join(allowed)}, SIZE >= 1)")
+        out[name] = int(size)
+    return out
+
+
+def run_e2e(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from largebatch.bench import e2e, e2e_report
+    from largebatch.bench.models import DEFAULT_BATCH, WORKLOADS
+
+    args.steps = 5 if args.steps is None else args.steps
+    args.warmup = 1 if args.warmup is None else args.warmup
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    chosen = e2e.variants()
+    wanted = [n.strip() for n in args.optimizers.split(",")] if args.optimizers else list(chosen)
+    try:
+        batches = {**DEFAULT_BATCH, **parse_batches(args.batch, WORKLOADS)}
+    except ValueError as exc:
+        return fail(str(exc))
+    checks = [("--models", [m for m in models if m not in WORKLOADS], WORKLOADS),
+              ("--precisions", [p for p in precisions if p not in e2e.PRECISIONS], e2e.PRECISIONS),
+              ("--optimizers", [n for n in wanted if n not in chosen], chosen)]
+    for option, bad, allowed in checks:
+        if bad:
+            return fail(f"{option}: unknown {bad} (allowed: {', '.join(allowed)})")
+    if args.steps < 1 or args.warmup < 0:
+        return fail(f"--steps {args.steps} / --warmup {args.warmup} (allowed: steps >= 1, warmup >= 0)")
+    yardstick = next(iter(chosen))
+    chosen = {n: v for n, v in chosen.items() if n in wanted or n == yardstick}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from largebatch.train.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `largebatch train` runs: freed activations stay in the process
+    load_before = os.getloadavg()[0]
+    bar = tqdm(total=len(models) * len(precisions) * len(chosen) * args.steps, desc="e2e", unit="step")
+    sets: list[dict] = []
+    summary = {"environment": {}, "sets": sets}
+    for model in models:
+        workload = WORKLOADS[model](batches[model])
+        for precision in precisions:
+            bar.set_postfix(model=model, precision=precision)
+            results = e2e.time_variants(workload, precision, chosen, steps=args.steps, warmup=args.warmup,
+                                        progress=lambda: bar.update(1))
+            for name, r in results.items():
+                if not args.no_memory:
+                    r.memory = e2e.memory_in_subprocess(model, batches[model], precision, name, warmup=args.warmup,
+                                                        threads=torch.get_num_threads())
+            sets.append(e2e.summarise(workload, precision, results))
+            # written after every set: a long run on a busy machine leaves its finished sets behind
+            summary["environment"] = {**environment(args, load_before), "transformers": transformers.__version__}
+            paths = e2e_report.write(summary, args.out)
+        del workload
+    bar.close()
+    print(e2e_report.markdown(summary))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

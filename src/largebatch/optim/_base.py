@@ -2,6 +2,7 @@
 sharded norm reduction, implementation choice and per-tensor telemetry."""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -72,6 +73,17 @@ def sharded_group(t: Tensor):
     return t.device_mesh.get_group()
 
 
+def check_subset_step(defaults: dict[str, Any]) -> None:
+    """Options under which updating some tensors before the others' gradients exist cannot be exact."""
+    if defaults.get("max_grad_norm") is not None:
+        raise invalid("max_grad_norm", defaults["max_grad_norm"],
+                      "None when stepping a subset of the parameters (the NVLAMB pre-normalisation divides "
+                      "every gradient by the norm of ALL gradients)")
+    if defaults.get("nonfinite") == "skip":
+        raise invalid("nonfinite", "skip", "'raise' | 'propagate' when stepping a subset of the parameters (a "
+                      "skipped step leaves every tensor unchanged, which needs all gradients first)")
+
+
 class TrustRatioOptimizer(Optimizer):
     """Base class of :class:`Lamb` and :class:`Lars`.
 
@@ -91,6 +103,7 @@ class TrustRatioOptimizer(Optimizer):
         """What the optimizer keeps outside its state: rebuilt after pickling/deepcopy, which keep only
         torch.optim's defaults, state and param_groups."""
         self._telemetry: dict[int, tuple[list[str], Tensor]] = {}
+        self._partial_telemetry: dict[int, dict[str, Tensor]] = {}  # rows of step_params(), by name
         self._warned: set[str] = set()
         self._scratch_buffers: dict[torch.dtype, Tensor] = {}
         self._step_buffers: dict[int, Tensor] = {}  # see _advance_steps
@@ -190,6 +203,7 @@ class TrustRatioOptimizer(Optimizer):
         per parameter group). Keys are parameter names when the groups carry ``param_names``
         (:func:`largebatch.param_groups` adds them), otherwise ``"group{i}.{j}"``.
         """
+        self._fold_partial_telemetry()
         out: dict[str, dict[str, float]] = {}
         for names, rows in self._telemetry.values():
             for name, (pn, un, ratio) in zip(names, rows.tolist()):
@@ -198,7 +212,18 @@ class TrustRatioOptimizer(Optimizer):
 
     def telemetry_tensor(self, group_index: int = 0) -> tuple[list[str], Tensor]:
         """(names, [n, 3] tensor of param_norm, update_norm, trust_ratio) of one group, no copy."""
+        self._fold_partial_telemetry()
         return self._telemetry[group_index]
+
+    def _fold_partial_telemetry(self) -> None:
+        """Merge the rows of ``step_params()`` calls into each group's (names, [n, 3]) entry."""
+        for gi, rows in self._partial_telemetry.items():
+            names, norms = self._telemetry.get(gi, ([], None))
+            merged = dict(zip(names, norms.unbind(0))) if norms is not None else {}
+            merged.update(rows)
+            dtype = functools.reduce(torch.promote_types, (r.dtype for r in merged.values()))
+            self._telemetry[gi] = (list(merged), torch.stack([r.to(dtype) for r in merged.values()]))
+        self._partial_telemetry.clear()
 
     # ------------------------------------------------------------------ step()
     @torch.no_grad()
@@ -215,10 +240,36 @@ class TrustRatioOptimizer(Optimizer):
         if finite is not None and not bool(torch.isfinite(finite)):
             self._nonfinite_step()
             return loss
+        self._step_groups(None, clip)
+        return loss
+
+    @torch.no_grad()
+    def step_params(self, params: Sequence[Tensor]) -> None:
+        """Update only ``params`` (some of this optimizer's parameters, those with a gradient), each with its
+        group's settings, exactly as ``step()`` would update them; the other parameters are left alone.
+
+        Per-tensor ratios make this exact for the paper's algorithms. Refused: ``max_grad_norm`` (NVLAMB's
+        pre-normalisation divides by the norm of ALL gradients) and ``nonfinite="skip"`` (a skipped step
+        leaves every tensor unchanged, which needs all gradients first); ``nonfinite="raise"`` checks these
+        gradients and raises naming the first non-finite one before updating any of them. The telemetry rows
+        of these tensors replace their previous ones. :func:`largebatch.step_in_backward` steps each tensor
+        with it as soon as its gradient is complete.
+        """
+        check_subset_step(self.defaults)
+        only = {id(p) for p in params}
+        self.last_step_skipped = False
+        if self.defaults["nonfinite"] == "raise":
+            self._raise_if_nonfinite(only)
+        self._step_groups(only, None)
+
+    def _step_groups(self, only: set[int] | None, clip: Tensor | None) -> None:
+        """``step()``'s updates; ``only``: ids of the parameters to update (None: all)."""
         for gi, group in enumerate(self.param_groups):
-            indices, params, xs, grads, states = self._collect(group, self._init_state)
+            indices, params, xs, grads, states = self._collect(group, self._init_state, only)
             if not params:
-                self._telemetry.pop(gi, None)
+                if only is None:
+                    self._telemetry.pop(gi, None)
+                    self._partial_telemetry.pop(gi, None)
                 continue
             # multi-tensor ops and the kernel need one device and dtype: step each (device, dtype) bucket
             buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -245,8 +296,12 @@ class TrustRatioOptimizer(Optimizer):
                 norms = torch.empty_like(stacked)
                 norms[torch.tensor(order, device=stacked.device)] = stacked
             self._sync_master(params, states)
-            self._telemetry[gi] = (self._names(gi, group, indices), norms)
-        return loss
+            names = self._names(gi, group, indices)
+            if only is None:
+                self._telemetry[gi] = (names, norms)
+                self._partial_telemetry.pop(gi, None)
+            else:  # folded into _telemetry when read: one merge per read, not one per tensor stepped
+                self._partial_telemetry.setdefault(gi, {}).update(zip(names, norms.unbind(0)))
 
     def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust) -> Tensor:
         """Update one group's tensors; return [n, 3] (‖x‖, ‖u‖, ratio). Subclasses implement it."""
@@ -308,15 +363,21 @@ class TrustRatioOptimizer(Optimizer):
             return None, total
         return 1.0 / torch.clamp(total.sqrt() / max_norm, min=1.0), None if policy == "propagate" else total
 
+    def _raise_if_nonfinite(self, only: set[int] | None = None) -> None:
+        """Raise naming the first parameter (with an id in ``only``, unless None) whose gradient is not finite."""
+        found = [(gi, group, i, local_tensor(p.grad)) for gi, group in enumerate(self.param_groups)
+                 for i, p in enumerate(group["params"]) if p.grad is not None and (only is None or id(p) in only)]
+        if not found or (kernel.available() and kernel.first_nonfinite([f[3] for f in found]) == -1):
+            return  # the kernel's check reads each gradient once and allocates nothing
+        for gi, group, i, grad in found:
+            if not bool(torch.isfinite(grad).all()):
+                raise FloatingPointError(f"{type(self).__name__}: non-finite gradient in "
+                                         f"{self._names(gi, group, [i])[0]} (nonfinite='raise'; nothing was updated)")
+
     def _nonfinite_step(self) -> None:
         """A step with a non-finite gradient: raise naming the first tensor, or count the skipped step."""
         if self.defaults["nonfinite"] == "raise":
-            for gi, group in enumerate(self.param_groups):
-                for i, p in enumerate(group["params"]):
-                    if p.grad is not None and not bool(torch.isfinite(local_tensor(p.grad)).all()):
-                        name = self._names(gi, group, [i])[0]
-                        raise FloatingPointError(f"{type(self).__name__}: non-finite gradient in {name} "
-                                                 "(nonfinite='raise'; nothing was updated)")
+            self._raise_if_nonfinite()
         for group in self.param_groups:
             group["skipped_steps"] = group.get("skipped_steps", 0) + 1
         self.last_step_skipped = True
@@ -388,8 +449,10 @@ class TrustRatioOptimizer(Optimizer):
                     return False
         return True
 
-    def _collect(self, group: dict[str, Any], init_state: Callable[[Tensor, dict], None]):
-        """Params with a gradient, their compute tensors (fp32 master or local shard) and states.
+    def _collect(self, group: dict[str, Any], init_state: Callable[[Tensor, dict], None],
+                 only: set[int] | None = None):
+        """Params with a gradient (and an id in ``only``, unless None), their compute tensors (fp32 master or
+        local shard) and states.
 
         Returns (indices, params, xs, grads, states); ``xs`` are the tensors the update is written to.
         """
@@ -397,7 +460,7 @@ class TrustRatioOptimizer(Optimizer):
         plain = _PLAIN  # fast path: no DTensor unwrapping to try
         for i, p in enumerate(group["params"]):
             grad = p.grad
-            if grad is None:
+            if grad is None or (only is not None and id(p) not in only):
                 continue
             if type(grad) not in plain:
                 grad = local_tensor(grad)

@@ -1,0 +1,53 @@
+"""The end-to-end benchmark's output: one Markdown table per (model, precision), and the JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _row(r: dict, adamw_peak: float | None) -> str:
+    extra = ""
+    if r["in_backward"]:
+        extra = (f" (× Lamb {_fmt(r.get('ratio_to_lamb'), '.3f')}, min {_fmt(r.get('ratio_min_to_lamb'), '.3f')}; "
+                 f"peak −{_fmt(r.get('peak_saving_mib'), '.0f')} MiB = {_fmt(r.get('peak_saving_vs_grad_bytes'), '.2f')}"
+                 f" × the {_fmt(r.get('grad_mib'), '.0f')} MiB of gradients)")
+    vs_adamw = None if r["peak_mib"] is None or adamw_peak is None else r["peak_mib"] - adamw_peak
+    share = None if r["optimizer_share"] is None else 100 * r["optimizer_share"]
+    return (f"| {r['variant']}{extra} | {r['median_ms']:.0f} | {_fmt(r['iqr_ms'], '.0f')} | {r['min_ms']:.0f} | "
+            f"{r['samples_per_s']:.2f} | {r['forward_ms']:.0f} | {r['backward_ms']:.0f} | {r['optimizer_ms']:.1f} | "
+            f"{_fmt(share, '.1f')} | **{r['ratio_to_fused_adamw']:.3f}** | {r['ratio_min_to_fused_adamw']:.3f} | "
+            f"{_fmt(r['peak_mib'], '.0f')} | {_fmt(vs_adamw, '+.0f')} |")
+
+
+def markdown(summary: dict) -> str:
+    env = summary["environment"]
+    lines = ["# End-to-end training step benchmark\n",
+             (f"{env['date']} · torch {env['torch']} · transformers {env['transformers']} · {env['threads']} threads · "
+              f"{env['cpu']} · load average before/after {env['load_before']} / {env['load_after']} · "
+              f"{env['steps']} timed steps after {env['warmup']} warm-up, round-robin in a shuffled order · "
+              "peak memory: peak RSS of one step in a fresh process, minus its RSS before the model was built\n"),
+             f"Command: `{env['command']}`\n"]
+    for s in summary["sets"]:
+        lines.append(f"\n## {s['workload']}, {s['precision']}, batch {s['batch_size']} "
+                     f"({s['params_millions']:.1f} M parameters)\n")
+        lines.append("| variant | step median ms | IQR ms | min ms | samples/s | forward ms | backward ms | "
+                     "optimizer ms | optimizer % | × fused AdamW | × fused AdamW (min) | peak MiB | peak − AdamW's MiB |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        adamw_peak = s["rows"][0]["peak_mib"]
+        lines += [_row(r, adamw_peak) for r in s["rows"]]
+        errors = [f"{r['variant']}: {r['memory']['error']}" for r in s["rows"] if (r["memory"] or {}).get("error")]
+        if errors:
+            lines.append("\nMemory not measured: " + "; ".join(errors))
+    return "\n".join(lines) + "\n"
+
+
+def write(summary: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "results.json", out_dir / "results.md"]
+    paths[0].write_text(json.dumps(summary, indent=2))
+    paths[1].write_text(markdown(summary))
+    return paths

@@ -1,0 +1,158 @@
+"""largebatch.step_in_backward: the same parameters, state and telemetry as the ordinary step, bit for bit."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import largebatch
+from largebatch.optim.presets import PRESETS
+
+ALLOWED = [n for n, p in PRESETS.items() if p.options.get("max_grad_norm") is None]
+RAISE = {"nonfinite": "raise"}  # the optimizers' default, "skip", needs every gradient first: refused
+REFUSED = [n for n in PRESETS if n not in ALLOWED]
+
+
+class TiedLM(nn.Module):
+    """Embedding tied to the output layer (used twice in one graph, like BERT's), LayerNorm, biases."""
+
+    def __init__(self, vocab=50, hidden=24):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.body = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden),
+                                  nn.LayerNorm(hidden))
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, ids):
+        return self.body(self.embed(ids)) @ self.embed.weight.t() + self.bias
+
+
+def micro_batches(step, n=2):
+    gen = torch.Generator().manual_seed(step)
+    return [torch.randint(0, 50, (3, 5), generator=gen) for _ in range(n)]
+
+
+def loss_of(model, ids):
+    return nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+
+
+def run(model, opt, steps, handle=None, dtype=torch.float32):
+    for step in range(steps):
+        micro = micro_batches(step)
+        for i, ids in enumerate(micro):
+            last = i == len(micro) - 1
+            ctx = handle.accumulating() if handle is not None and not last else torch.enable_grad()
+            with ctx:
+                loss_of(model, ids).backward()
+        if handle is None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            assert all(p.grad is None for p in model.parameters()), "a gradient was kept"
+
+
+def assert_same(m1, o1, m2, o2):
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), name
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert s1["state"].keys() == s2["state"].keys()
+    for k, st in s1["state"].items():
+        for key, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(s2["state"][k][key])), (k, key)
+    assert o1.telemetry() == o2.telemetry()
+
+
+def pair(preset, dtype=torch.float32, **overrides):
+    torch.manual_seed(0)
+    m1 = TiedLM().to(dtype)
+    m2 = copy.deepcopy(m1)
+    lr = 0.5 if "lars" in preset or preset == "larc" else 1e-2
+    kw = {"master_weights": True} if dtype == torch.bfloat16 else {}
+    o1 = largebatch.create_optimizer(preset, m1, lr=lr, **kw, **overrides)
+    o2 = largebatch.create_optimizer(preset, m2, lr=lr, **kw, **RAISE, **overrides)
+    return m1, o1, m2, o2
+
+
+@pytest.mark.parametrize("preset", ALLOWED)
+def test_bit_identical_to_the_ordinary_step_on_the_kernel_path(preset):
+    from largebatch.optim import kernel
+
+    if not kernel.available():
+        pytest.skip(f"the C kernel is unavailable here: {kernel.unavailable_reason()}")
+    m1, o1, m2, o2 = pair(preset)
+    handle = largebatch.step_in_backward(m2, o2)
+    run(m1, o1, 3)
+    run(m2, o2, 3, handle)
+    assert_same(m1, o1, m2, o2)
+
+
+@pytest.mark.parametrize("preset", ["paper", "lars_paper"])
+def test_bit_identical_with_bf16_master_weights(preset):
+    m1, o1, m2, o2 = pair(preset, torch.bfloat16)
+    handle = largebatch.step_in_backward(m2, o2)
+    run(m1, o1, 3)
+    run(m2, o2, 3, handle)
+    assert_same(m1, o1, m2, o2)
+
+
+def test_remove_restores_the_ordinary_step_and_state_dict_round_trips():
+    m1, o1, m2, o2 = pair("paper")
+    handle = largebatch.step_in_backward(m2, o2)
+    run(m1, o1, 2)
+    run(m2, o2, 2, handle)
+    handle.remove()
+    assert not handle.active
+    loss_of(m2, micro_batches(9)[0]).backward()
+    assert all(p.grad is not None for p in m2.parameters())  # kept: nothing stepped
+    before = [p.clone() for p in m2.parameters()]
+    o2.zero_grad()
+    # a fresh optimizer loaded from the state_dict continues exactly like the original
+    o3 = largebatch.create_optimizer("paper", m2, lr=1e-2, **RAISE)
+    o3.load_state_dict(o2.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters()))
+    run(m1, o1, 1)
+    run(m2, o3, 1)
+    assert_same(m1, o1, m2, o3)
+
+
+@pytest.mark.parametrize("preset", REFUSED)
+def test_global_gradient_norm_presets_are_refused(preset):
+    model = TiedLM()
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        largebatch.step_in_backward(model, largebatch.create_optimizer(preset, model, lr=1e-3, **RAISE))
+
+
+def test_other_optimizers_are_refused():
+    model = TiedLM()
+    with pytest.raises(TypeError, match="step_params"):
+        largebatch.step_in_backward(model, torch.optim.AdamW(model.parameters()))
+
+
+def test_step_params_refuses_max_grad_norm_and_the_nonfinite_skip():
+    model = TiedLM()
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        largebatch.Lamb(model.parameters(), max_grad_norm=1.0, **RAISE).step_params(list(model.parameters()))
+    with pytest.raises(ValueError, match="nonfinite"):
+        largebatch.step_in_backward(model, largebatch.Lamb(model.parameters()))  # nonfinite="skip" by default
+
+
+def test_ddp_is_refused(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(TiedLM())
+        with pytest.raises(ValueError, match="DistributedDataParallel"):
+            largebatch.step_in_backward(model, largebatch.Lamb(model.parameters(), **RAISE))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nonfinite_raise_names_the_parameter_before_stepping_it():
+    model = TiedLM()
+    opt = largebatch.Lamb(largebatch.param_groups(model, weight_decay=0.01), **RAISE)
+    handle = largebatch.step_in_backward(model, opt)
+    model.bias.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match="bias"):
+        loss_of(model, micro_batches(0)[0]).backward()
+    handle.remove()
