@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import kernel, state_checks
+from .param_groups import align_param_names
 from .trust_ratio import PHI_CHOICES, TRUST_RATIO_CHOICES, norm_dtype, trust_mask
 
 #: what step() does when a gradient holds NaN or ±inf (docs/algorithms.md, "Non-finite gradients")
@@ -22,6 +23,10 @@ NONFINITE_CHOICES = ("skip", "raise", "propagate")
 #: Ratios are per tensor, so the buckets change nothing in the result (tested).
 FOREACH_BUCKET_ELEMENTS = 1 << 26
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: why step() runs eagerly under torch.compile (a graph break; with fullgraph=True, this error)
+COMPILE_REASON = ("largebatch's Lamb/Lars step() runs eagerly, outside torch.compile: it calls a C kernel "
+                  "through ctypes and keeps host-side caches per step. Compile the model (or the forward and "
+                  "backward) and call optimizer.step() outside the compiled function, or without fullgraph=True")
 
 
 def invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -135,7 +140,8 @@ class TrustRatioOptimizer(Optimizer):
                           "(the pre-normalisation uses one global norm over all groups)")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        # groups from param_groups() carry names; one added later without them must still be accepted
+        super().add_param_group(align_param_names(self.param_groups, param_group))
         group = self.param_groups[-1]
         self._validate_group(group)
         for p in group["params"]:
@@ -201,6 +207,7 @@ class TrustRatioOptimizer(Optimizer):
         return self._telemetry[group_index]
 
     # ------------------------------------------------------------------ step()
+    @torch.compiler.disable(reason=COMPILE_REASON)
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every group; the maths is the subclass's ``_step_group``."""

@@ -76,7 +76,8 @@ class Lars(TrustRatioOptimizer):
         lr: η. momentum: β1 (paper mode) or μ (2017 mode). weight_decay: λ.
         mode: ``"paper"`` | ``"2017"`` (see module docstring).
         trust_coefficient: η_tc of the 2017 form (0.001 in the 2017 paper); 2017 mode only.
-        larc_clip: LARC's clipping min(local/η, 1); 2017 mode only.
+        larc_clip: LARC's clipping min(local/η, 1); 2017 mode only. At η = 0 (a warmup from 0, the
+            end of a decay) it is 1, its limit as η → 0, as in apex LARC.
         eps: ε in the 2017 local LR denominator.
         nesterov: paper mode: the direction is β1·m_t + (1−β1)·(g + λx); 2017 mode: Nesterov SGD.
         grad_averaging: paper mode m = β1·m + (1−β1)·d (True) or β1·m + d (False).
@@ -115,8 +116,6 @@ class Lars(TrustRatioOptimizer):
             raise invalid("larc_clip", True, "False when mode='paper' (LARC clipping belongs to mode='2017')")
         if group["mode"] == "2017" and group["phi"] != "identity":
             raise invalid("phi", group["phi"], "'identity' when mode='2017' (the 2017 form has no φ)")
-        if group["mode"] == "2017" and group["larc_clip"] and float(group["lr"]) == 0.0:
-            raise invalid("lr", group["lr"], "> 0 with larc_clip=True (LARC divides by the LR)")
 
     @staticmethod
     def _init_state(x: Tensor, state: dict) -> None:
