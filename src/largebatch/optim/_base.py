@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from . import kernel, state_checks
 from .param_groups import align_param_names
@@ -74,7 +75,7 @@ def sharded_group(t: Tensor):
         return None
     if not any(p.is_shard() for p in placements):
         return None
-    return t.device_mesh.get_group()
+    return t.device_mesh.get_group()  # type: ignore[attr-defined]  # a DTensor (it has placements)
 
 
 class TrustRatioOptimizer(Optimizer):
@@ -88,7 +89,7 @@ class TrustRatioOptimizer(Optimizer):
     #: param-group keys only this optimizer has: a saved group without them is another optimizer's
     _signature_keys: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict[str, Any]):
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]):
         self._init_caches()
         super().__init__(params, defaults)
 
@@ -209,7 +210,7 @@ class TrustRatioOptimizer(Optimizer):
     # ------------------------------------------------------------------ step()
     @torch.compiler.disable(reason=COMPILE_REASON)
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every group; the maths is the subclass's ``_step_group``."""
         loss = None
         if closure is not None:

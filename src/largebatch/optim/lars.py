@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 from . import kernel
 from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
@@ -88,7 +89,7 @@ class Lars(TrustRatioOptimizer):
     _moment_keys = ("momentum_buffer",)
     _signature_keys = ("momentum", "mode", "trust_coefficient", "trust_ratio")
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.01, *,
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.01, *,
                  mode: str = "paper", trust_coefficient: float = 0.001, larc_clip: bool = False,
                  eps: float = 1e-8, nesterov: bool = False, grad_averaging: bool = True,
                  trust_ratio: bool | str = True, phi: str = "identity", phi_min: float | None = None,
