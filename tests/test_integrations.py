@@ -208,6 +208,35 @@ def test_torch_lr_schedulers_drive_our_optimizers(make_sched, name):
     assert len(set(lrs)) == 3 and all(lr >= 0 for lr in lrs)
 
 
+def test_swa_and_grad_scaler():
+    """SWALR sets the groups' LR like any scheduler; GradScaler.step unscales before our step, so the trust
+    ratio sees true gradients: a scaled step equals an unscaled one bit for bit."""
+    batch = {k: torch.stack([r[k] for r in _rows(8)]) for k in ("x", "labels")}
+    net = _net()
+    opt = largebatch.Lamb(largebatch.param_groups(net), lr=0.02)
+    swa_model = torch.optim.swa_utils.AveragedModel(net)
+    swa_sched = torch.optim.swa_utils.SWALR(opt, swa_lr=0.005, anneal_epochs=2)
+    for _ in range(3):
+        opt.zero_grad()
+        net(**batch)["loss"].backward()
+        opt.step()
+        swa_model.update_parameters(net)
+        swa_sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005) and swa_model.n_averaged.item() == 3
+    results = []
+    for scale in (None, 2.0 ** 10):
+        net = _net()
+        opt = largebatch.Lamb(largebatch.param_groups(net), lr=0.02)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
+        for _ in range(2):
+            opt.zero_grad()
+            scaler.scale(net(**batch)["loss"]).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append(_params(net))
+    _assert_same(*results)
+
+
 # ---------------------------------------------------------------------------------------- torch.compile
 @pytest.mark.compile
 def test_compile_fullgraph_step_fails_with_our_reason():
@@ -370,8 +399,8 @@ def _state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 def test_lightning_configure_optimizers_and_resume(tmp_path):
     """An epoch of 4 steps checkpointed by ModelCheckpoint; a new Trainer with ckpt_path restores our
     optimizer's state and the schedule's step exactly, then trains on. (A straight-vs-resumed comparison
-    of the weights would fail for Lightning's own reason: it runs one extra step after an end-of-epoch
-    checkpoint, Lightning-AI/pytorch-lightning#19403.)"""
+    of the weights fails for Lightning's own reason: after an end-of-epoch checkpoint it ran one more step
+    of the finished epoch on a restarted DataLoader, Lightning-AI/pytorch-lightning#19403.)"""
     pl = _lightning()
     first = _lightning_module(pl, 8)
     _lightning_trainer(pl, tmp_path / "a", max_epochs=1).fit(first)
