@@ -67,3 +67,15 @@ def test_py_typed_and_the_license_match_pyproject():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text[:200] and "Version 2.0, January 2004" in text[:200]
     assert config["project"]["license-files"] == ["LICENSE"]
+
+
+def test_api_doc_names_every_public_name():
+    doc = (ROOT / "docs" / "api.md").read_text()
+    names = set(largebatch.__all__)
+    names |= set(largebatch.optim.__all__)
+    names |= {n for n, v in vars(largebatch.schedules).items()
+              if not n.startswith("_") and getattr(v, "__module__", None) == largebatch.schedules.__name__}
+    names |= {"OPTIMIZER_STATE_POLICIES", "OptimizerStatePolicy"}
+    names |= {f"largebatch.{m}" for m in largebatch.SUBMODULES}
+    missing = sorted(n for n in names if f"`{n}`" not in doc and f"`{n}(" not in doc)
+    assert not missing, f"docs/api.md does not name: {missing}"
