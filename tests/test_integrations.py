@@ -310,6 +310,19 @@ def test_hf_trainer_with_optimizer_cls_and_kwargs_and_resume_at_lr_zero(tmp_path
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+def test_hf_trainer_optimizer_cls_and_kwargs_with_our_groups(tmp_path):
+    """A "params" entry in the keyword arguments replaces the Trainer's own two groups."""
+    net = _net()
+    groups = largebatch.param_groups(net, weight_decay=0.1, no_weight_decay="body.*")
+    trainer = _trainer(tmp_path, net, 1, optimizer_cls_and_kwargs=(largebatch.Lamb, {"params": groups}))
+    opt = trainer.create_optimizer()
+    opt = getattr(opt, "optimizer", opt)
+    assert isinstance(opt, largebatch.Lamb)
+    assert {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]} == {
+        "body.0.weight": 0.0, "body.0.bias": 0.0, "body.1.weight": 0.0, "body.1.bias": 0.0,
+        "head.weight": 0.1, "head.bias": 0.0}
+
+
 # ---------------------------------------------------------------------------------------- accelerate
 def _accelerate_run(tmp_path, steps, *, stop_at=None, resume=False):
     accelerate = _need("accelerate")
