@@ -283,15 +283,23 @@ def _trainer(tmp_path, model, max_steps, **kwargs):
     return transformers.Trainer(model=model, args=args, train_dataset=_rows(), **kwargs)
 
 
-def test_hf_trainer_with_optimizers(tmp_path):
-    net = _net()
-    opt = largebatch.Lamb(largebatch.param_groups(net), lr=0.02)
-    sched = LRSchedulerAdapter(opt, _schedule(total=3))
-    before = _params(net)
-    _trainer(tmp_path, net, 3, optimizers=(opt, sched)).train()
-    assert sched.last_epoch == 3 and opt.param_groups[0]["lr"] == _schedule(total=3)(3)
-    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+def test_hf_trainer_with_optimizers_and_resume(tmp_path):
+    """Our optimizer and LRSchedulerAdapter through ``optimizers=``; the Trainer's checkpoint (optimizer and
+    scheduler state, loaded with weights_only) resumes both at step 3."""
+    def run(max_steps, resume=None):
+        net = _net()
+        opt = largebatch.Lamb(largebatch.param_groups(net), lr=0.02)
+        sched = LRSchedulerAdapter(opt, _schedule(total=6))
+        _trainer(tmp_path, net, max_steps, optimizers=(opt, sched)).train(resume_from_checkpoint=resume)
+        return net, opt, sched
+
+    net, opt, sched = run(3)
+    assert sched.last_epoch == 3 and opt.param_groups[0]["lr"] == _schedule(total=6)(3)
+    assert all(not torch.equal(a, b) for a, b in zip(_params(_net()), net.parameters()))
     assert set(opt.telemetry()) == {n for n, _ in net.named_parameters()}
+    _, resumed, resumed_sched = run(4, resume=str(tmp_path / "checkpoint-3"))
+    assert resumed_sched.last_epoch == 4 and resumed.param_groups[0]["lr"] == _schedule(total=6)(4)
+    assert all(s["step"].item() == 4 for s in resumed.state.values())
 
 
 def test_hf_trainer_with_optimizer_cls_and_kwargs_and_resume_at_lr_zero(tmp_path):
