@@ -115,6 +115,8 @@ def test_param_groups_honour_model_no_weight_decay():
     assert decay_of(largebatch.param_groups(torch.compile(model)))["pos_embed"] == 0.0  # the wrapper forwards it
     off = decay_of(largebatch.param_groups(model, model_no_weight_decay=False))
     assert off["pos_embed"] == off["cls_token"] == 0.01
+    with pytest.raises(TypeError, match=r"Invalid model_no_weight_decay: 'no' \(allowed: True \| False\)"):
+        largebatch.param_groups(model, model_no_weight_decay="no")
     model.no_weight_decay = lambda: 5
     with pytest.raises(TypeError, match=r"Invalid model.no_weight_decay\(\): 5 \(allowed: a set or list"):
         largebatch.param_groups(model)
@@ -337,7 +339,6 @@ def _accelerate_run(tmp_path, steps, *, stop_at=None, resume=False):
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)  # one Accelerator per run inside one process
     acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
-    acc.free_memory()
     net = _net()
     opt = largebatch.Lamb(largebatch.param_groups(net), lr=0.02)
     sched = LRSchedulerAdapter(opt, _schedule(total=steps))

@@ -108,6 +108,8 @@ def param_groups(
         raise TypeError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
     if isinstance(no_weight_decay, str):
         no_weight_decay = (no_weight_decay,)
+    if not isinstance(model_no_weight_decay, bool):
+        raise TypeError(f"Invalid model_no_weight_decay: {model_no_weight_decay!r} (allowed: True | False)")
     declared = _declared_no_weight_decay(model) if model_no_weight_decay else []
     skip_decay = _matcher([*(no_weight_decay or ()), *declared], no_weight_decay_if)
     skip_ratio = _matcher(no_trust_ratio, no_trust_ratio_if)
