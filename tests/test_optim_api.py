@@ -352,7 +352,6 @@ ERRORS = [
     (lambda: largebatch.Lars(_p(), trust_coefficient=0.0), ValueError, r"Invalid trust_coefficient: 0\.0"),
     (lambda: largebatch.Lars(_p(), larc_clip=True), ValueError, r"Invalid larc_clip: True \(allowed: False when mode='paper'"),
     (lambda: largebatch.Lars(_p(), mode="2017", phi="cap_ratio"), ValueError, r"Invalid phi: 'cap_ratio'"),
-    (lambda: largebatch.Lars(_p(), mode="2017", larc_clip=True, lr=0.0), ValueError, r"Invalid lr: 0\.0"),
     (lambda: largebatch.Lars(_p(), nesterov="yes"), ValueError, r"Invalid nesterov: 'yes'"),
     (lambda: largebatch.create_optimizer("lamb2", _p()), ValueError, r"Invalid optimizer name: 'lamb2' \(allowed: lamb"),
     (lambda: largebatch.create_optimizer("timm", _p(), foo=1), TypeError, r"timm: .*'foo'"),

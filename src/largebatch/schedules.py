@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
+
+import torch
 
 #: what happens to the optimizer state at a phase boundary (see :class:`Phase`)
 OptimizerStatePolicy = Literal["keep", "reset_step", "reset_moments", "reset"]
@@ -138,3 +140,33 @@ def multi_phase_lr(phases: list[Phase], step: int) -> float:
         return constant(local, peak_lr=ph.peak_lr, warmup_steps=ph.warmup_steps)
     return warmup_poly_decay(local, peak_lr=ph.peak_lr, warmup_steps=ph.warmup_steps, total_steps=ph.steps,
                              power=ph.power, end_lr=ph.end_lr)
+
+
+class LRSchedulerAdapter(torch.optim.lr_scheduler.LRScheduler):
+    """A schedule of this module as a ``torch.optim.lr_scheduler.LRScheduler``, for the stacks that drive
+    the LR through torch's protocol (HF ``Trainer``, accelerate, Lightning, a hand-written loop)::
+
+        schedule = functools.partial(warmup_poly_decay, peak_lr=2e-3, warmup_steps=100, total_steps=1000)
+        scheduler = LRSchedulerAdapter(optimizer, schedule)   # then scheduler.step() after optimizer.step()
+
+    The LR of optimizer step t (0-based; ``last_epoch`` counts the ``scheduler.step()`` calls) is
+    ``lr_at(t)``, times the group's ``lr_scale`` where one is set.
+    ``state_dict()`` holds the step count and the last LRs but not ``lr_at`` (a function need not pickle):
+    to resume, build the adapter with the same schedule and ``load_state_dict``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float], last_epoch: int = -1):
+        if not callable(lr_at):
+            raise TypeError(f"Invalid lr_at: {lr_at!r} (allowed: a function of the step returning the LR)")
+        self.lr_at = lr_at
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]  # torch's stub allows tensors too
+        step = self.last_epoch
+        lr = float(self.lr_at(step))
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"Invalid lr from the schedule at step {step}: {lr!r} (allowed: a finite number >= 0)")
+        return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key not in ("optimizer", "lr_at")}

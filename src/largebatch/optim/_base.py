@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from . import kernel, state_checks
+from .param_groups import align_param_names
 from .trust_ratio import PHI_CHOICES, TRUST_RATIO_CHOICES, norm_dtype, trust_mask
 
 #: what step() does when a gradient holds NaN or ±inf (docs/algorithms.md, "Non-finite gradients")
@@ -23,6 +25,10 @@ NONFINITE_CHOICES = ("skip", "raise", "propagate")
 #: Ratios are per tensor, so the buckets change nothing in the result (tested).
 FOREACH_BUCKET_ELEMENTS = 1 << 26
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: why step() runs eagerly under torch.compile (a graph break; with fullgraph=True, this error)
+COMPILE_REASON = ("largebatch's Lamb/Lars step() runs eagerly, outside torch.compile: it calls a C kernel "
+                  "through ctypes and keeps host-side caches per step. Compile the model (or the forward and "
+                  "backward) and call optimizer.step() outside the compiled function, or without fullgraph=True")
 
 
 def invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -70,7 +76,7 @@ def sharded_group(t: Tensor):
         return None
     if not any(p.is_shard() for p in placements):
         return None
-    return t.device_mesh.get_group()
+    return t.device_mesh.get_group()  # type: ignore[attr-defined]  # a DTensor (it has placements)
 
 
 def check_subset_step(defaults: dict[str, Any]) -> None:
@@ -95,7 +101,7 @@ class TrustRatioOptimizer(Optimizer):
     #: param-group keys only this optimizer has: a saved group without them is another optimizer's
     _signature_keys: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict[str, Any]):
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]):
         self._init_caches()
         super().__init__(params, defaults)
 
@@ -148,7 +154,8 @@ class TrustRatioOptimizer(Optimizer):
                           "(the pre-normalisation uses one global norm over all groups)")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        # groups from param_groups() carry names; one added later without them must still be accepted
+        super().add_param_group(align_param_names(self.param_groups, param_group))
         group = self.param_groups[-1]
         self._validate_group(group)
         for p in group["params"]:
@@ -226,8 +233,9 @@ class TrustRatioOptimizer(Optimizer):
         self._partial_telemetry.clear()
 
     # ------------------------------------------------------------------ step()
+    @torch.compiler.disable(reason=COMPILE_REASON)
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every group; the maths is the subclass's ``_step_group``."""
         loss = None
         if closure is not None:

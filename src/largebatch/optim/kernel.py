@@ -116,7 +116,7 @@ def check_layout(lib: ctypes.CDLL, mirrors: Sequence[type[ctypes.Structure]] = (
     for which, mirror in enumerate(mirrors):
         buf = (ctypes.c_int64 * 64)()
         c_names = lib.lb_struct_layout(which, buf, 64).decode().rstrip(",").split(",")
-        names = [name for name, _ in mirror._fields_]
+        names = [field[0] for field in mirror._fields_]  # (name, type) or (name, type, bits)
         c_layout = [buf[0], *buf[1:1 + len(c_names)]]
         layout = [ctypes.sizeof(mirror), *(getattr(mirror, name).offset for name in names)]
         if c_names != names or c_layout != layout:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 from . import kernel
 from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
@@ -163,7 +164,7 @@ class Lamb(TrustRatioOptimizer):
     _moment_keys = ("exp_avg", "exp_avg_sq")
     _signature_keys = ("betas", "bias_correction", "weight_decay_mode", "trust_ratio")
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, *, bias_correction: str = "inside",
                  weight_decay_mode: str = "decoupled", trust_ratio: bool | str = True, phi: str = "identity",
                  phi_min: float | None = None, phi_max: float | None = None,

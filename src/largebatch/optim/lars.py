@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 from . import kernel
 from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
@@ -76,7 +77,8 @@ class Lars(TrustRatioOptimizer):
         lr: η. momentum: β1 (paper mode) or μ (2017 mode). weight_decay: λ.
         mode: ``"paper"`` | ``"2017"`` (see module docstring).
         trust_coefficient: η_tc of the 2017 form (0.001 in the 2017 paper); 2017 mode only.
-        larc_clip: LARC's clipping min(local/η, 1); 2017 mode only.
+        larc_clip: LARC's clipping min(local/η, 1); 2017 mode only. At η = 0 (a warmup from 0, the
+            end of a decay) it is 1, its limit as η → 0, as in apex LARC.
         eps: ε in the 2017 local LR denominator.
         nesterov: paper mode: the direction is β1·m_t + (1−β1)·(g + λx); 2017 mode: Nesterov SGD.
         grad_averaging: paper mode m = β1·m + (1−β1)·d (True) or β1·m + d (False).
@@ -87,7 +89,7 @@ class Lars(TrustRatioOptimizer):
     _moment_keys = ("momentum_buffer",)
     _signature_keys = ("momentum", "mode", "trust_coefficient", "trust_ratio")
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.01, *,
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.01, *,
                  mode: str = "paper", trust_coefficient: float = 0.001, larc_clip: bool = False,
                  eps: float = 1e-8, nesterov: bool = False, grad_averaging: bool = True,
                  trust_ratio: bool | str = True, phi: str = "identity", phi_min: float | None = None,
@@ -115,8 +117,6 @@ class Lars(TrustRatioOptimizer):
             raise invalid("larc_clip", True, "False when mode='paper' (LARC clipping belongs to mode='2017')")
         if group["mode"] == "2017" and group["phi"] != "identity":
             raise invalid("phi", group["phi"], "'identity' when mode='2017' (the 2017 form has no φ)")
-        if group["mode"] == "2017" and group["larc_clip"] and float(group["lr"]) == 0.0:
-            raise invalid("lr", group["lr"], "> 0 with larc_clip=True (LARC divides by the LR)")
 
     @staticmethod
     def _init_state(x: Tensor, state: dict) -> None:

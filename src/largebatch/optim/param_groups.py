@@ -63,6 +63,17 @@ def _matcher(patterns: Iterable[str] | str | None, predicate: Predicate | None) 
     return match
 
 
+def _declared_no_weight_decay(model: nn.Module) -> list[str]:
+    """Names the model itself declares decay-free through ``model.no_weight_decay()`` (timm), else []."""
+    declared = getattr(model, "no_weight_decay", None)
+    if not callable(declared):
+        return []
+    names = declared()
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise TypeError(f"Invalid model.no_weight_decay(): {names!r} (allowed: a set or list of parameter names)")
+    return sorted(names)
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float = 0.01,
@@ -71,6 +82,7 @@ def param_groups(
     no_weight_decay_if: Predicate | None = bias_or_norm,
     no_trust_ratio: Iterable[str] | str | None = None,
     no_trust_ratio_if: Predicate | None = None,
+    model_no_weight_decay: bool = True,
     verbose: bool = False,
     **group_options: Any,
 ) -> list[dict[str, Any]]:
@@ -83,6 +95,9 @@ def param_groups(
         no_weight_decay_if / no_trust_ratio_if: predicates ``f(name, param, module) -> bool``; by default
             biases, normalisation parameters and 1-D tensors get no decay, and every tensor gets a ratio
             (the paper). Pass ``None`` to disable a default.
+        model_no_weight_decay: also exclude from decay the names (or fnmatch patterns) returned by the
+            model's own ``no_weight_decay()`` when it defines one (timm's convention: a ViT's ``pos_embed``
+            and ``cls_token``), as timm's ``create_optimizer`` does.
         verbose: print the groups' counts.
         group_options: extra keys for every group (e.g. ``lr_scale``).
 
@@ -91,7 +106,12 @@ def param_groups(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
-    skip_decay = _matcher(no_weight_decay, no_weight_decay_if)
+    if isinstance(no_weight_decay, str):
+        no_weight_decay = (no_weight_decay,)
+    if not isinstance(model_no_weight_decay, bool):
+        raise TypeError(f"Invalid model_no_weight_decay: {model_no_weight_decay!r} (allowed: True | False)")
+    declared = _declared_no_weight_decay(model) if model_no_weight_decay else []
+    skip_decay = _matcher([*(no_weight_decay or ()), *declared], no_weight_decay_if)
     skip_ratio = _matcher(no_trust_ratio, no_trust_ratio_if)
     owners = {}
     for mod_name, module in model.named_modules():
@@ -124,6 +144,31 @@ def param_groups(
     if verbose:
         print(describe_groups(groups))
     return groups
+
+
+def align_param_names(groups: list[dict[str, Any]], new_group: dict[str, Any]) -> dict[str, Any]:
+    """``new_group`` made acceptable to ``torch.optim.Optimizer.add_param_group`` beside ``groups``.
+
+    torch refuses to mix groups with and without ``param_names``, and :func:`param_groups` names its
+    groups, so a later group added by a library that passes bare tensors (Lightning's ``BaseFinetuning``)
+    would fail inside torch. Whichever side has no names gets placeholders ``"group{i}.{j}"`` (the names
+    the optimizers' telemetry gives unnamed groups); ``groups`` are completed in place, the new group is
+    returned as a new dict. Anything torch would reject for another reason is returned unchanged.
+    """
+    params = new_group.get("params") if isinstance(new_group, dict) else None
+    if not groups or params is None or isinstance(params, (set, str)):
+        return new_group
+    params = [params] if isinstance(params, Tensor) else list(params)
+    new_group = {**new_group, "params": params}
+    named = "param_names" in new_group or any(isinstance(p, tuple) for p in params)
+    if named and not all(isinstance(p, tuple) for p in params) and "param_names" not in new_group:
+        return new_group  # a mix of named and bare tensors: torch's own error says what is wrong
+    if not named and any("param_names" in g for g in groups):
+        new_group["param_names"] = [f"group{len(groups)}.{j}" for j in range(len(params))]
+    elif named:
+        for i, g in enumerate(groups):
+            g.setdefault("param_names", [f"group{i}.{j}" for j in range(len(g["params"]))])
+    return new_group
 
 
 def describe_groups(groups: list[dict[str, Any]]) -> str:

@@ -7,7 +7,6 @@ rules per tensor; the tests pin the two together.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -28,7 +27,7 @@ def tensor_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dtype=norm_dtype(t.dtype))
 
 
-def stacked_norms(ts: Sequence[Tensor]) -> Tensor:
+def stacked_norms(ts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """‖t‖₂ of every tensor of a list (one dtype and device), stacked: one multi-tensor launch."""
     return torch.stack(torch._foreach_norm(ts, 2, dtype=norm_dtype(ts[0].dtype)))
 
