@@ -33,17 +33,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
 
-from ._base import check_subset_step
+from ._base import TrustRatioOptimizer, check_subset_step
 
 
 class StepInBackward:
     """Handle returned by :func:`step_in_backward`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
+    def __init__(self, optimizer: TrustRatioOptimizer, params: list[torch.Tensor]):
         self.optimizer = optimizer
         self.stepping = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
@@ -109,4 +110,4 @@ def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step
         raise ValueError(f"step_in_backward does not support distributed training ({reason}): a gradient is "
                          "complete locally before DDP/FSDP2 reduce it across processes, so a step there would "
                          "use the local gradient; train without step_in_backward")
-    return StepInBackward(optimizer, params)
+    return StepInBackward(cast(TrustRatioOptimizer, optimizer), params)  # it has step_params (checked above)
