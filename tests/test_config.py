@@ -53,7 +53,7 @@ def _yaml(tmp_path, text):
     (["--task-opt", "hidden=abc"], "Invalid task option hidden: 'abc'"),
     (["--task-opt", "hiden=3"], "Invalid option 'hiden' for task 'mlm'"),
     (["--task", "image", "--task-opt", "seq_len=32"], "Invalid option 'seq_len' for task 'image'"),
-    (["--task-opt", "data=x.txt"], "Invalid task_options key 'data': set it as data (--data)"),
+    (["--task-opt", "data=x.txt", "--data", "y.txt"], "Invalid task_options key 'data': data is set too"),
     (["--seed", "1.5"], "--seed: invalid int value: '1.5'"),
     (["--opt", "=3"], "Invalid --opt '=3' (allowed: KEY=VALUE)"),
 ])

@@ -120,9 +120,9 @@ class TrainConfig:
             raise ValueError(f"Invalid out: {self.out!r} (allowed: a directory path, not empty)")
         for i, ph in enumerate(self.phases or []):
             check_phase(i, ph)
-        for name in DATA_FIELDS:
-            if name in self.task_options:
-                raise ValueError(f"Invalid task_options key {name!r}: set it as {name} (--{name.replace('_', '-')})")
+        for name in DATA_FIELDS:  # one place per value: either the field or a task option, not both
+            if name in self.task_options and getattr(self, name) != DEFAULTS[name]:
+                raise ValueError(f"Invalid task_options key {name!r}: {name} is set too (allowed: one of the two)")
         return self
 
     def task_build_options(self) -> dict[str, Any]:
