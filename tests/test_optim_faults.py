@@ -135,6 +135,17 @@ def test_skip_with_bf16_master_weights(impl):
     assert opt.skipped_steps == 1
 
 
+@pytest.mark.parametrize("impl", ["foreach", "single_tensor"])
+def test_the_torch_check_skips_empty_tensors(impl):
+    """bf16 gradients take torch's max-|g| path, which refuses an empty tensor: it is left out, not fatal."""
+    ps = [nn.Parameter(torch.ones(0).bfloat16()), nn.Parameter(torch.ones(3).bfloat16())]
+    opt = largebatch.Lamb(ps, lr=0.1, **IMPLS[impl])
+    for good in (True, False):
+        ps[0].grad, ps[1].grad = torch.ones(0).bfloat16(), torch.tensor([1.0, 1.0, 1.0 if good else NAN]).bfloat16()
+        opt.step()
+        assert opt.last_step_skipped is (not good)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_kernels_finiteness_scan_finds_the_first_bad_tensor(dtype):
     if not kernel.available():

@@ -531,7 +531,8 @@ def _sum_over(grads: list[Tensor], *, squared: bool) -> Tensor:
     """Σ‖g‖² (``squared``) or Σ max|g| over tensors of any dtypes and devices, as float64 on the first's."""
     by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in grads:
-        by_kind.setdefault((t.device, t.dtype), []).append(t)
+        if squared or t.numel():  # an empty tensor has no max (torch refuses it) and nothing to check
+            by_kind.setdefault((t.device, t.dtype), []).append(t)
     device = grads[0].device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for (_, dtype), ts in by_kind.items():
