@@ -156,3 +156,57 @@ def test_nonfinite_raise_names_the_parameter_before_stepping_it():
     with pytest.raises(FloatingPointError, match="bias"):
         loss_of(model, micro_batches(0)[0]).backward()
     handle.remove()
+
+
+def _train_config(tmp_path, name, **kw):
+    from largebatch.train.loop import TrainConfig
+
+    return TrainConfig(task="mlm", batch_size=32, micro_batch_size=16, steps=3, warmup_steps=1, progress=False,
+                       plot=False, out=str(tmp_path / name), threads=1, nonfinite="raise", checkpoint_every=1,
+                       keep_checkpoints=3,
+                       task_options=dict(vocab_size=512, seq_len=32, hidden=32, layers=1, heads=2, intermediate=64,
+                                         limit_train_sequences=64, max_eval_sequences=32, dropout=0.0), **kw)
+
+
+def _final_state(run_dir):
+    from largebatch.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run_dir)
+    return ckpt["model"], ckpt["optimizer"]["state"]
+
+
+def test_train_step_in_backward_matches_the_ordinary_run_and_resumes_exactly(tmp_path, monkeypatch):
+    """`largebatch train --step-in-backward`: accumulation over 2 micro-batches, LR schedule, checkpoints."""
+    import json
+
+    from largebatch.train.loop import train
+
+    from largebatch.tasks import build_task
+
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path / "cache"))
+    cfg = _train_config(tmp_path, "ordinary")
+    task = build_task("mlm", seed=cfg.seed, **cfg.task_options)  # built once (tokenizer, encoding): copies below
+    ordinary = train(cfg, task=copy.deepcopy(task))
+    fused = train(_train_config(tmp_path, "fused", step_in_backward=True), task=copy.deepcopy(task))
+    train(_train_config(tmp_path, "resumed", step_in_backward=True), task=copy.deepcopy(task),
+          resume=str(tmp_path / "fused" / "ckpt-00000002.pt"))
+    for other in ("fused", "resumed"):
+        (m1, s1), (m2, s2) = _final_state(tmp_path / "ordinary"), _final_state(tmp_path / other)
+        assert all(torch.equal(m1[k], m2[k]) for k in m1), other
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(s2[i][key]))
+                   for i, st in s1.items() for key, v in st.items()), other
+    assert ordinary["test_loss"] == fused["test_loss"]
+    logs = [[json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in ("ordinary", "fused")]
+    for a, b in zip(*logs):  # same losses and LRs at every step; the same ratios, summed in another order
+        assert (a["loss"], a["lr"], a["trust_ratio_min"]) == (b["loss"], b["lr"], b["trust_ratio_min"])
+        assert a["trust_ratio_mean"] == pytest.approx(b["trust_ratio_mean"], rel=1e-14)
+
+
+def test_train_step_in_backward_refusals_name_the_option(tmp_path):
+    from largebatch.train.loop import TrainConfig
+
+    for kw, needle in (({"nonfinite": "skip"}, "nonfinite"), ({"precision": "fp16"}, "precision"),
+                       ({"optimizer": "adamw"}, "optimizer")):
+        with pytest.raises(ValueError, match=needle):
+            TrainConfig(step_in_backward=True, **{"nonfinite": "raise", **kw})

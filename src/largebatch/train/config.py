@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
-from ..optim import optimizer_names
+from ..optim import optimizer_info, optimizer_names
 from ..schedules import SCHEDULES
 from ..tasks import TASKS
 from .distributed import DEFAULT_TIMEOUT_S, STRATEGIES
@@ -97,6 +97,9 @@ class TrainConfig:
     progress: bool = _f(True, "progress bar")
     plot: bool = _f(True, "write curves.png at the end")
     tensorboard: bool = _f(False, "also write TensorBoard scalars to <out>/tensorboard")
+    step_in_backward: bool = _f(False, "step each tensor in the backward pass as soon as its gradient is complete "
+                                "and free it (Lamb/Lars without max_grad_norm; needs nonfinite raise; "
+                                "docs/step_in_backward.md)")
     # your own data and model: passed to the task as options only when set (docs/own-data.md)
     data: list[str] | None = _f(None, "training data: files, folders or globs")
     eval_data: list[str] | None = _f(None, "held-out data (else a split of --data)")
@@ -120,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"Invalid out: {self.out!r} (allowed: a directory path, not empty)")
         for i, ph in enumerate(self.phases or []):
             check_phase(i, ph)
+        if self.step_in_backward:
+            check_step_in_backward(self)
         for name in DATA_FIELDS:  # one place per value: either the field or a task option, not both
             if name in self.task_options and getattr(self, name) != DEFAULTS[name]:
                 raise ValueError(f"Invalid task_options key {name!r}: {name} is set too (allowed: one of the two)")
@@ -128,6 +133,19 @@ class TrainConfig:
     def task_build_options(self) -> dict[str, Any]:
         """The task's options: ``task_options`` plus the data/model fields that are set."""
         return {**self.task_options, **{k: getattr(self, k) for k in DATA_FIELDS if getattr(self, k) != DEFAULTS[k]}}
+
+
+def check_step_in_backward(cfg: TrainConfig) -> None:
+    """What stepping inside the backward pass cannot do: each needs every gradient before any tensor changes."""
+    if cfg.nonfinite != "raise":
+        raise ValueError(f"Invalid nonfinite: {cfg.nonfinite!r} with step_in_backward (allowed: 'raise'; skipping a "
+                         "step needs every gradient before the first tensor is updated)")
+    if cfg.precision == "fp16":
+        raise ValueError("Invalid precision: 'fp16' with step_in_backward (allowed: fp32 | bf16-autocast | bf16; "
+                         "the GradScaler unscales and checks every gradient before the step)")
+    if not hasattr(optimizer_info(cfg.optimizer).cls, "step_params"):
+        raise ValueError(f"Invalid optimizer: {cfg.optimizer!r} with step_in_backward (allowed: a Lamb or Lars "
+                         "optimizer or preset; torch's optimizers cannot step a subset of their tensors)")
 
 
 #: the data/model fields handed to the task (see ``TrainConfig.task_build_options``)

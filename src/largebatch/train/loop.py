@@ -131,9 +131,12 @@ def build_stepper(cfg: TrainConfig, task: Task, plan: RunPlan, ctx: D.DistContex
     model.train()
     train_model = D.wrap_model(model, ctx, cfg.strategy)
     # after wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
-    optimizer = create_optimizer(cfg.optimizer, model, lr=plan.lr(0),
-                                 **{**optimizer_overrides(cfg.precision, cfg.optimizer), **cfg.optimizer_options})
-    return Stepper(model, train_model, optimizer, ctx, precision=cfg.precision, nonfinite=cfg.nonfinite)
+    # stepping in backward: the optimizer checks each gradient before its tensor's step (nonfinite='raise')
+    in_backward = {"nonfinite": "raise"} if cfg.step_in_backward else {}
+    optimizer = create_optimizer(cfg.optimizer, model, lr=plan.lr(0), **{
+        **optimizer_overrides(cfg.precision, cfg.optimizer), **in_backward, **cfg.optimizer_options})
+    return Stepper(model, train_model, optimizer, ctx, precision=cfg.precision, nonfinite=cfg.nonfinite,
+                   step_in_backward=cfg.step_in_backward)
 
 
 def enter_phase(task: Task, optimizer, plan: RunPlan, step: int, *, first: bool) -> None:

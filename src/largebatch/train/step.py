@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..optim import step_in_backward as optim_step_in_backward
 from . import distributed as D
 from .accumulation import accumulate_gradients
 from .precision import autocast, grad_scaler, grads_finite
@@ -26,9 +27,13 @@ class StepResult:
 
 class Stepper:
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer, ctx: D.DistContext, *,
-                 precision: str, nonfinite: str, skipped: int = 0):
+                 precision: str, nonfinite: str, skipped: int = 0, step_in_backward: bool = False):
         self.model, self.train_model, self.optimizer, self.ctx = model, train_model, optimizer, ctx
         self.no_sync = D.no_sync(train_model, ctx)
+        # the optimizer steps inside the last micro-batch's backward pass; the others only accumulate
+        self.in_backward = optim_step_in_backward(train_model, optimizer) if step_in_backward else None
+        if self.in_backward is not None:
+            self.no_sync = self.in_backward.accumulating
         self.autocast = autocast(precision)
         self.scaler = grad_scaler(precision)
         self.nonfinite = nonfinite
@@ -48,9 +53,11 @@ class Stepper:
             self.train_model, micro_batches, task.loss, count_fn=task.count, no_sync=self.no_sync,
             autocast=self.autocast, total=int(total), scale=float(ctx.world_size),
             backward=(lambda l: scaler.scale(l).backward()) if scaler else None)
+        (loss,) = D.all_reduce_sum([local_loss], ctx)
+        if self.in_backward is not None:  # stepped already (a non-finite gradient raised)
+            return StepResult(loss, int(total), True)
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # true gradients before the trust ratio
-        (loss,) = D.all_reduce_sum([local_loss], ctx)
         finite = not D.any_true(not grads_finite(self.model), ctx)
         if finite:
             (scaler.step(self.optimizer) if scaler is not None else self.optimizer.step())
