@@ -327,3 +327,37 @@ def test_cli_without_accumulation_exits_2_with_one_line(tmp_path):
         "largebatch train: error: the gradient noise scale needs gradients at two batch sizes: use gradient "
         "accumulation (micro_batch_size < batch_size) or several data-parallel processes (here: batch_size 8 = "
         "micro_batch_size, 1 process)")
+
+
+LOOP_DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from test_noise_scale import GaussianRegression, _train_cfg
+from largebatch.train.loop import train
+train(_train_cfg(sys.argv[1], micro_batch_size=int(sys.argv[2]), threads=1), task=GaussianRegression())
+"""
+
+
+@pytest.mark.distributed
+def test_train_under_ddp_equals_one_process_accumulating(tmp_path):
+    """`train(noise_scale=True)` on 2 gloo processes × 1 micro-batch of 16 logs the estimates of 1 process
+    accumulating the same 2 micro-batches (the Stepper's factor world × count / total under DDP)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_ddp import _torchrun  # torchrun on 127.0.0.1, retried on a taken port
+
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-c", LOOP_DRIVER, str(tmp_path / "one"), "16", tests],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, ["-c", LOOP_DRIVER, str(tmp_path / "two"), "16", tests], env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    keys = lambda r: {k: v for k, v in r.items() if "b_simple" in k or k.startswith(("window", "grad_"))}  # noqa: E731
+    a = [keys(r) for r in _records(tmp_path / "one") if "b_simple" in r]
+    b = [keys(r) for r in _records(tmp_path / "two") if "b_simple" in r]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-9)
