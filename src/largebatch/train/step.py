@@ -55,6 +55,8 @@ class Stepper:
         counts = [task.count(b) for b in micro_batches]
         (total,) = D.all_reduce_sum([float(sum(counts))], ctx)
         announce = self.noise_announcer(micro_batches, counts, total)
+        if announce is not None and batch_size is None:
+            raise ValueError("Invalid batch_size: None (allowed: the step's global batch, which the noise scale needs)")
         local_loss, _ = accumulate_gradients(
             self.train_model, micro_batches, task.loss, count_fn=task.count, no_sync=self.no_sync,
             autocast=self.autocast, total=int(total), scale=float(ctx.world_size),
