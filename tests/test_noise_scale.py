@@ -311,6 +311,8 @@ def test_train_without_two_batch_sizes_says_what_it_needs(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
     with pytest.raises(ValueError, match="Invalid noise_scale: True with strategy 'fsdp'"):
         make_config({"noise_scale": True, "strategy": "fsdp"})
+    with pytest.raises(ValueError, match="Invalid noise_scale: True with step_in_backward"):
+        make_config({"noise_scale": True, "step_in_backward": True, "nonfinite": "raise"})
     with pytest.raises(ValueError, match="noise_scale_ema"):
         make_config({"noise_scale_ema": 1.0})
 

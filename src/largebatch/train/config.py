@@ -131,9 +131,10 @@ class TrainConfig:
         if self.step_in_backward:
             check_step_in_backward(self)
         if self.noise_scale and (self.strategy == "fsdp" or self.step_in_backward):
-            raise ValueError(f"Invalid noise_scale: True with {'strategy fsdp' if self.strategy == 'fsdp' else 'step_in_backward'}"
-                             " (allowed: with strategy ddp and without step_in_backward; the gradient hooks would "
-                             "see shards / the full-batch gradient is consumed in the backward)")
+            other = "strategy 'fsdp'" if self.strategy == "fsdp" else "step_in_backward"
+            raise ValueError(f"Invalid noise_scale: True with {other} (allowed: with strategy 'ddp' and without "
+                             "step_in_backward: the hooks would see shards, or the full-batch gradient is consumed "
+                             "in the backward)")
         for name in DATA_FIELDS:  # one place per value: either the field or a task option, not both
             if name in self.task_options and getattr(self, name) != DEFAULTS[name]:
                 raise ValueError(f"Invalid task_options key {name!r}: {name} is set too (allowed: one of the two)")
