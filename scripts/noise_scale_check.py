@@ -87,7 +87,8 @@ def compare(run: Path, results_root: Path, train_targets: dict[str, float]) -> d
                      "upper_bound": m.get("upper_bound"), "predicted_steps": predict(noise),
                      "predicted_steps_range": [predict(hi), predict(lo)] if values else None,
                      "predicted_efficiency": (b0 + noise) / (b + noise) if noise else None})
-    over_training = [(w["step"], w["window_b_simple"]) for w in windows]
+    longest = max((w["window_steps"] for w in windows), default=0)  # (a window cut short by an evaluation is
+    over_training = [(w["step"], w["window_b_simple"]) for w in windows if w["window_steps"] >= longest / 2]  # noisy)
     loss_target = train_targets[suite]
     by_loss = train_loss_steps(results, results_root, cfg["optimizer"], loss_target)
     loss_rows = []

@@ -12,6 +12,7 @@ from torch import nn
 
 from test_distributed import _spawn  # 2 gloo processes, retried on a taken port
 
+from largebatch.tasks.base import Task
 from largebatch.train.noise_scale import (NoiseScaleTracker, layer_type_groups, simple_noise_scale, steps_model,
                                           two_batch_estimates)
 
@@ -239,3 +240,126 @@ def test_plot_noise_scale(tmp_path):
                                                for r in recs))
     with pytest.raises(ValueError, match="--noise-scale"):
         plot_noise_scale([run], tmp_path / "none.png")
+
+
+# -- in the training loop (`largebatch train --noise-scale`) --------------------------------------------
+
+class GaussianRegression(Task):
+    """The closed-form problem above as a training task (a fixed sample of 512 points)."""
+
+    name = "regression"
+
+    def __init__(self, n: int = 512):
+        self.x, noise = draw(n, torch.Generator().manual_seed(5))
+        self.y = noise  # w* = 0
+        self.model = regression_model()
+        self.train_size = n
+
+    def batch(self, indices, generator):
+        return {"x": self.x[indices], "y": self.y[indices]}
+
+    def loss(self, model, batch):
+        return 0.5 * (model(batch["x"]).squeeze(1) - batch["y"]).square().sum(), len(batch["x"])
+
+    @torch.no_grad()
+    def evaluate(self, model, split="test"):
+        return {"loss": float(0.5 * (model(self.x).squeeze(1) - self.y).square().mean())}
+
+
+def _train_cfg(out, **kw):  # the task object is passed to train(); the name must be a known task
+    from largebatch.train.config import TrainConfig
+
+    return TrainConfig(**{"task": "mlm", "optimizer": "sgd", "lr": 1e-3, "warmup_steps": 0, "batch_size": 32,
+                          "micro_batch_size": 8, "steps": 12, "eval_every": 4, "checkpoint_every": 6,
+                          "progress": False, "plot": False, "noise_scale": True, "noise_scale_ema": 0.5,
+                          "out": str(out), **kw})
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_logs_the_noise_scale_per_evaluation_and_a_resume_continues_it(tmp_path):
+    from largebatch.train.loop import train
+
+    train(_train_cfg(tmp_path / "straight", plot=True), task=GaussianRegression())
+    recs = _records(tmp_path / "straight")
+    measured = [r for r in recs if "b_simple" in r]
+    assert [r["step"] for r in measured] == [4, 8, 12]
+    assert all(r["window_steps"] == 4 and r["b_simple"] > 0 and r["b_simple/Linear"] == r["b_simple"]
+               for r in measured)
+    # the lr is small: the weights stay near δ, so the closed form holds roughly (12 steps of 32 samples)
+    assert 0.3 < measured[-1]["window_b_simple"] / (true_values()[1] / true_values()[0]) < 3
+    assert (tmp_path / "straight" / "noise_scale.png").stat().st_size > 10_000
+    train(_train_cfg(tmp_path / "resumed"), task=GaussianRegression(),
+          resume=str(tmp_path / "straight" / "ckpt-00000006.pt"))
+    resumed = [r for r in _records(tmp_path / "resumed") if "b_simple" in r]
+    assert [r["step"] for r in resumed] == [8, 12]
+    for a, b in zip(measured[1:], resumed):
+        assert {k: v for k, v in a.items() if "b_simple" in k or k.startswith(("window", "grad_"))} == \
+               pytest.approx({k: v for k, v in b.items() if "b_simple" in k or k.startswith(("window", "grad_"))},
+                             rel=1e-12)
+
+
+def test_train_without_two_batch_sizes_says_what_it_needs(tmp_path):
+    from largebatch.train.config import make_config
+    from largebatch.train.loop import train
+
+    with pytest.raises(ValueError, match=r"two batch sizes: use gradient accumulation .*batch_size 32 = "
+                                         r"micro_batch_size, 1 process"):
+        train(_train_cfg(tmp_path, micro_batch_size=32), task=GaussianRegression())
+    assert not (tmp_path / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match="Invalid noise_scale: True with strategy 'fsdp'"):
+        make_config({"noise_scale": True, "strategy": "fsdp"})
+    with pytest.raises(ValueError, match="Invalid noise_scale: True with step_in_backward"):
+        make_config({"noise_scale": True, "step_in_backward": True, "nonfinite": "raise"})
+    with pytest.raises(ValueError, match="noise_scale_ema"):
+        make_config({"noise_scale_ema": 1.0})
+
+
+def test_cli_without_accumulation_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "largebatch.cli.main", "train", "--noise-scale", "--batch-size", "8",
+                           "--micro-batch-size", "8", "--steps", "1", "--out", str(tmp_path / "run"),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "largebatch train: error: the gradient noise scale needs gradients at two batch sizes: use gradient "
+        "accumulation (micro_batch_size < batch_size) or several data-parallel processes (here: batch_size 8 = "
+        "micro_batch_size, 1 process)")
+
+
+LOOP_DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from test_noise_scale import GaussianRegression, _train_cfg
+from largebatch.train.loop import train
+train(_train_cfg(sys.argv[1], micro_batch_size=int(sys.argv[2]), threads=1), task=GaussianRegression())
+"""
+
+
+@pytest.mark.distributed
+def test_train_under_ddp_equals_one_process_accumulating(tmp_path):
+    """`train(noise_scale=True)` on 2 gloo processes × 1 micro-batch of 16 logs the estimates of 1 process
+    accumulating the same 2 micro-batches (the Stepper's factor world × count / total under DDP)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_ddp import _torchrun  # torchrun on 127.0.0.1, retried on a taken port
+
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-c", LOOP_DRIVER, str(tmp_path / "one"), "16", tests],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, ["-c", LOOP_DRIVER, str(tmp_path / "two"), "16", tests], env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    keys = lambda r: {k: v for k, v in r.items() if "b_simple" in k or k.startswith(("window", "grad_"))}  # noqa: E731
+    a = [keys(r) for r in _records(tmp_path / "one") if "b_simple" in r]
+    b = [keys(r) for r in _records(tmp_path / "two") if "b_simple" in r]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-9)

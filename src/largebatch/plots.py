@@ -60,12 +60,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def batch_sizes(records: list[dict]) -> list[tuple[int, float]]:
@@ -112,6 +107,13 @@ def plot_noise_scale(run_dirs: list[str | Path], out: str | Path, title: str | N
            title=title or "simple noise scale B_simple (lines) beside the batch size used (band)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the file."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

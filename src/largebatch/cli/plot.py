@@ -1,4 +1,5 @@
-"""``largebatch plot RUN...``: loss / accuracy / LR / trust-ratio curves of training runs to a PNG."""
+"""``largebatch plot RUN...``: loss / accuracy / LR / trust-ratio curves of training runs to a PNG, and
+B_simple beside the batch size to ``<output>_noise_scale.png`` for runs trained with ``--noise-scale``."""
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from largebatch.plots import plot_runs
+    from largebatch.plots import plot_noise_scale, plot_runs, read_metrics
 
     try:
         out = plot_runs(args.runs, args.output, title=args.title)
+        measured = any(r.get("b_simple") is not None for run in args.runs for r in read_metrics(run))
     except FileNotFoundError as exc:
         print(f"largebatch plot: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    if measured:
+        noise = plot_noise_scale(args.runs, out.with_name(f"{out.stem}_noise_scale{out.suffix}"), title=args.title)
+        print(f"wrote {noise}")
     return 0

@@ -100,6 +100,11 @@ class TrainConfig:
     step_in_backward: bool = _f(False, "step each tensor in the backward pass as soon as its gradient is complete "
                                 "and free it (Lamb/Lars without max_grad_norm; needs nonfinite raise; "
                                 "docs/step_in_backward.md)")
+    noise_scale: bool = _f(False, "measure the gradient noise scale B_simple from the micro-batch and full-batch "
+                                  "gradients, logged per evaluation (needs accumulation or several processes; "
+                                  "docs/noise-scale.md)")
+    noise_scale_ema: float = _f(0.99, "decay of the noise scale's moving averages of |G|² and tr(Σ)", ge=0, lt=1,
+                                allow_inf_nan=False)
     # your own data and model: passed to the task as options only when set (docs/own-data.md)
     data: list[str] | None = _f(None, "training data: files, folders or globs")
     eval_data: list[str] | None = _f(None, "held-out data (else a split of --data)")
@@ -125,6 +130,11 @@ class TrainConfig:
             check_phase(i, ph)
         if self.step_in_backward:
             check_step_in_backward(self)
+        if self.noise_scale and (self.strategy == "fsdp" or self.step_in_backward):
+            other = "strategy 'fsdp'" if self.strategy == "fsdp" else "step_in_backward"
+            raise ValueError(f"Invalid noise_scale: True with {other} (allowed: with strategy 'ddp' and without "
+                             "step_in_backward: the hooks would see shards, or the full-batch gradient is consumed "
+                             "in the backward)")
         for name in DATA_FIELDS:  # one place per value: either the field or a task option, not both
             if name in self.task_options and getattr(self, name) != DEFAULTS[name]:
                 raise ValueError(f"Invalid task_options key {name!r}: {name} is set too (allowed: one of the two)")

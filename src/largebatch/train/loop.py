@@ -39,9 +39,10 @@ from .config import TrainConfig
 from .data import step_micro_batches
 from .evaluation import evaluate, is_due
 from .metrics_log import RunLog, dumps, tensorboard_writer_class, trust_summary
+from .noise_scale import NoiseScaleTracker, require_two_batch_sizes
 from .precision import optimizer_overrides, prepare_model
 from .run_folder import last_record, run_id_for
-from .run_plan import RunPlan, build_run_plan
+from .run_plan import RunPlan, build_run_plan, phase_settings
 from .scheduling import ScheduledLR, reset_optimizer_state
 from .step import Stepper, StepResult
 
@@ -62,6 +63,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     ctx = D.init_from_env(timeout_s=cfg.dist_timeout)
     out = Path(cfg.out)
     ckpt = R.read_resume_checkpoint(cfg, resume)
+    if cfg.noise_scale:  # before any work: the estimate needs two batch sizes
+        require_two_batch_sizes([(ph["batch_size"], ph.get("micro_batch_size", cfg.micro_batch_size))
+                                 for ph in phase_settings(cfg)], ctx.world_size)
     if (done := R.finished_run(out, ckpt)) is not None:
         if ctx.is_main:
             print(f"the run in {out} is complete (summary.json): nothing to resume", flush=True)
@@ -92,7 +96,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
         for step in range(start_step, plan.total_steps):
             enter_phase(task, optimizer, plan, step, first=step == start_step)
             lr = scheduled_lr.apply(step)
-            result = stepper.step(task, step_micro_batches(task, plan, cfg.seed, step, ctx), step)
+            result = stepper.step(task, step_micro_batches(task, plan, cfg.seed, step, ctx), step,
+                                  batch_size=plan.phases[plan.locate(step)[0]].batch_size)
             t_now = time.perf_counter()
             record = step_record(plan, step, lr, result, stepper, t_now - t_last)
             is_last = step + 1 == plan.total_steps
@@ -101,6 +106,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
             t_last = t_now
             if is_due(cfg.eval_every, step + 1, is_last):
                 record.update(evaluate(task, model, cfg.eval_split))
+                if stepper.noise is not None:
+                    record.update(stepper.noise.summary())
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             log.write(record, optimizer, is_last=is_last)
             if is_due(cfg.checkpoint_every, step + 1, is_last):
@@ -135,8 +142,9 @@ def build_stepper(cfg: TrainConfig, task: Task, plan: RunPlan, ctx: D.DistContex
     in_backward = {"nonfinite": "raise"} if cfg.step_in_backward else {}
     optimizer = create_optimizer(cfg.optimizer, model, lr=plan.lr(0), **{
         **optimizer_overrides(cfg.precision, cfg.optimizer), **in_backward, **cfg.optimizer_options})
+    noise = NoiseScaleTracker(model, ema=cfg.noise_scale_ema, distributed=ctx.enabled) if cfg.noise_scale else None
     return Stepper(model, train_model, optimizer, ctx, precision=cfg.precision, nonfinite=cfg.nonfinite,
-                   step_in_backward=cfg.step_in_backward)
+                   step_in_backward=cfg.step_in_backward, noise=noise)
 
 
 def enter_phase(task: Task, optimizer, plan: RunPlan, step: int, *, first: bool) -> None:
@@ -200,8 +208,10 @@ def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, summary: dict[s
     if save_pretrained is not None:
         save_pretrained(model, out / "hf")
     if cfg.plot:
-        from ..plots import plot_runs
+        from ..plots import plot_noise_scale, plot_runs, read_metrics
         plot_runs([out], out / "curves.png")
+        if cfg.noise_scale and any(r.get("b_simple") is not None for r in read_metrics(out)):
+            plot_noise_scale([out], out / "noise_scale.png")
 
 
 def plan_phases(cfg: TrainConfig, task: Task) -> list:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,6 +67,28 @@ def layer_type_groups(model: nn.Module) -> dict[str, str]:
                 seen.add(id(p))
                 groups[f"{module_name}.{name}" if module_name else name] = type(module).__name__
     return groups
+
+
+def require_two_batch_sizes(phases: list[tuple[int, int]], world_size: int) -> None:
+    """ValueError unless some phase, given as (batch_size, micro_batch_size), yields two batch sizes."""
+    if world_size == 1 and all(micro >= batch for batch, micro in phases):
+        sizes = ", ".join(f"batch_size {b} = micro_batch_size" for b, _ in phases)
+        raise ValueError(f"{NEEDS_TWO_BATCH_SIZES} (here: {sizes}, 1 process)")
+
+
+def batch_samples(batch: Mapping[str, Tensor]) -> int:
+    """Samples in a micro-batch: the first dimension of its tensors (sequences for MLM)."""
+    return int(next(iter(batch.values())).shape[0])
+
+
+def announcer(tracker: NoiseScaleTracker, counts: list[int], samples: list[int], total: float,
+              grad_factor: float) -> Callable[[int, Any], None]:
+    """An ``on_micro_batch(i, batch)`` callback for ``accumulate_gradients`` telling ``tracker`` of each
+    micro-batch: its samples, and that its backward carries count_i / total × ``grad_factor`` (the world
+    size under DDP, times the loss scale under fp16) times its mean gradient."""
+    def announce(i: int, _batch: Any) -> None:
+        tracker.micro_batch(samples=samples[i], grad_scale=grad_factor * counts[i] / total)
+    return announce
 
 
 class NoiseScaleTracker:
@@ -159,14 +181,14 @@ class NoiseScaleTracker:
         """Fold this step into the moving averages. ``.grad`` must hold the full-batch mean gradient of
         ``batch_size`` samples (over all ranks). Raises ValueError when there was only one batch size."""
         rows = self._row + 1
-        if rows == 0:
+        if rows == 0 and not self.distributed:  # (a rank without samples still joins the all-reduce)
             raise RuntimeError("update() without micro_batch(): no micro-batch gradient was recorded")
         world = dist.get_world_size() if self.distributed else 1
         if rows == 1 and world == 1:
             self.discard()
             raise ValueError(NEEDS_TWO_BATCH_SIZES)
         squares = self._norms[:rows].square()
-        small = torch.zeros_like(squares[0])
+        small = self._norms.new_zeros(len(self.params))
         for i, coef in enumerate(self._coefs):  # python scalars: no host-to-device copy
             small.add_(squares[i], alpha=coef)
         stats = torch.cat([small @ self._membership, small.new_zeros(2)])

@@ -84,6 +84,8 @@ def restore(ckpt: dict[str, Any], stepper: Stepper) -> int:
     stepper.skipped = int(ckpt.get("skipped_steps", 0))
     if stepper.scaler is not None and "grad_scaler" in ckpt:
         stepper.scaler.load_state_dict(ckpt["grad_scaler"])  # the loss scale is part of an exact resume
+    if stepper.noise is not None and "noise_scale" in ckpt:
+        stepper.noise.load_state_dict(ckpt["noise_scale"])  # the moving averages continue
     return int(ckpt["step"])
 
 
@@ -98,5 +100,6 @@ def save(cfg: TrainConfig, plan: RunPlan, stepper: Stepper, step: int, out: Path
                "schedule": {"lr": plan.lr(step), "next_lr": plan.lr(step + 1), "total_steps": plan.total_steps,
                             "phase": index},
                **({"grad_scaler": stepper.scaler.state_dict()} if stepper.scaler is not None else {}),
+               **({"noise_scale": stepper.noise.state_dict()} if stepper.noise is not None else {}),
                "config": config_record(cfg), "run_id": run_id, "environment": environment(stepper.ctx)}
     save_checkpoint(payload, out, step + 1, keep=cfg.keep_checkpoints)

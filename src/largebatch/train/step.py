@@ -12,6 +12,7 @@ from torch import nn
 from ..optim import step_in_backward as optim_step_in_backward
 from . import distributed as D
 from .accumulation import accumulate_gradients
+from .noise_scale import NoiseScaleTracker, announcer, batch_samples
 from .precision import autocast, grad_scaler, grads_finite
 
 #: a run whose steps are all skipped for this many steps in a row is reported as diverged
@@ -27,8 +28,10 @@ class StepResult:
 
 class Stepper:
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer, ctx: D.DistContext, *,
-                 precision: str, nonfinite: str, skipped: int = 0, step_in_backward: bool = False):
+                 precision: str, nonfinite: str, skipped: int = 0, step_in_backward: bool = False,
+                 noise: NoiseScaleTracker | None = None):
         self.model, self.train_model, self.optimizer, self.ctx = model, train_model, optimizer, ctx
+        self.noise = noise                 # the gradient noise scale, when measured
         self.no_sync = D.no_sync(train_model, ctx)
         # the optimizer steps inside the last micro-batch's backward pass; the others only accumulate
         self.in_backward = optim_step_in_backward(train_model, optimizer) if step_in_backward else None
@@ -45,20 +48,27 @@ class Stepper:
         """Nothing but skipped steps for MAX_CONSECUTIVE_SKIPS steps: counted as a divergence."""
         return self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS
 
-    def step(self, task, micro_batches: list[dict], step: int) -> StepResult:
-        """Train on one effective batch (this process's ``micro_batches``); ``step`` is 0-based."""
+    def step(self, task, micro_batches: list[dict], step: int, batch_size: int | None = None) -> StepResult:
+        """Train on one effective batch (this process's ``micro_batches`` of the global ``batch_size``
+        samples, which the noise scale needs); ``step`` is 0-based."""
         ctx, scaler = self.ctx, self.scaler
-        (total,) = D.all_reduce_sum([float(sum(task.count(b) for b in micro_batches))], ctx)
+        counts = [task.count(b) for b in micro_batches]
+        (total,) = D.all_reduce_sum([float(sum(counts))], ctx)
+        announce = self.noise_announcer(micro_batches, counts, total)
+        if announce is not None and batch_size is None:
+            raise ValueError("Invalid batch_size: None (allowed: the step's global batch, which the noise scale needs)")
         local_loss, _ = accumulate_gradients(
             self.train_model, micro_batches, task.loss, count_fn=task.count, no_sync=self.no_sync,
             autocast=self.autocast, total=int(total), scale=float(ctx.world_size),
-            backward=(lambda l: scaler.scale(l).backward()) if scaler else None)
+            backward=(lambda l: scaler.scale(l).backward()) if scaler else None, on_micro_batch=announce)
         (loss,) = D.all_reduce_sum([local_loss], ctx)
         if self.in_backward is not None:  # stepped already (a non-finite gradient raised)
             return StepResult(loss, int(total), True)
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # true gradients before the trust ratio
         finite = not D.any_true(not grads_finite(self.model), ctx)
+        if announce is not None:  # before the optimizer step: .grad holds the full-batch gradient
+            self.noise.update(batch_size) if finite else self.noise.discard()
         if finite:
             (scaler.step(self.optimizer) if scaler is not None else self.optimizer.step())
             self.consecutive_skips = 0
@@ -71,3 +81,13 @@ class Stepper:
             scaler.update()  # lowers the scale after an overflow, raises it after a quiet stretch
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, int(total), finite)
+
+    def noise_announcer(self, micro_batches: list[dict], counts: list[int], total: float):
+        """The micro-batch callback of the noise scale; None when it is off or this step has one batch size
+        (one micro-batch in one process)."""
+        if self.noise is None or (len(micro_batches) < 2 and not self.ctx.enabled):
+            return None
+        # the backward carries the loss scale (fp16): read once per step, a host sync fp16 steps already have
+        loss_scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+        return announcer(self.noise, counts, [batch_samples(b) for b in micro_batches], total,
+                         self.ctx.world_size * loss_scale)
