@@ -165,9 +165,14 @@ def max_sequence_length(model: nn.Module) -> int:
     return positions - (padding_idx + 1 if padding_idx is not None else 0)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state with sharded (FSDP2 DTensor) entries gathered into plain tensors."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+def full_state_dict(model: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
+    """A model's (or a state dict's) entries as plain tensors. A sharded (FSDP2) model must be gathered by
+    the caller on every rank first (``train.distributed.full_state``): gathering is a collective."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    if any(hasattr(v, "full_tensor") for v in state.values()):
+        raise ValueError("Invalid model: sharded (FSDP2) parameters; gather the full state on every rank first "
+                         "and pass that state dict")
+    return dict(state)
 
 
 def save_masked_lm(model: nn.Module, config, tokenizer, directory: str | Path) -> Path:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import hf
 from .base import DataMissingError, Task, cache_dir
 from .image_folder import ImageFolder
 
@@ -204,7 +205,7 @@ class ImageTask(Task):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in hf.full_state_dict(model).items()}
         save_file(state, str(directory / "model.safetensors"))
         config = {"task": "image", "options": {k: v for k, v in vars(self.config).items()}, "classes": self.classes,
                   "in_channels": self.data["train"][0].shape[1], "mean": self.mean, "std": self.std}

@@ -126,8 +126,10 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     summary.update(evaluate(task, model, "test"))
     summary.update(compare_with_baseline(task, summary))
     summary["run_id"] = run_id
+    # sharded parameters are gathered on every rank (a collective) before the main process exports them
+    exported = D.full_state(model, optimizer)[0] if ctx.enabled and cfg.strategy == "fsdp" else model
     if ctx.is_main:
-        finish(cfg, task, model, summary, out)
+        finish(cfg, task, exported, summary, out)
     D.shutdown(ctx)
     return summary
 
@@ -201,7 +203,7 @@ def compare_with_baseline(task: Task, summary: dict[str, Any]) -> dict[str, Any]
             **({"at_or_below_baseline": bool(below)} if baseline else {})}
 
 
-def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, summary: dict[str, Any], out: Path) -> None:
+def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module | dict, summary: dict[str, Any], out: Path) -> None:
     """Main process, end of a run: summary.json, the task's ``save_pretrained`` export, the plot."""
     write_atomically(out / "summary.json", dumps(summary, indent=2))
     save_pretrained = getattr(task, "save_pretrained", None)
