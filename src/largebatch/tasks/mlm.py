@@ -138,6 +138,11 @@ class MaskedOnlyMLM(nn.Module):
         return getattr(self, self.head)(hidden[where]), labels[where]
 
 
+#: sequence lengths a run may ask for: two special tokens plus a few of text, up to what fits on a CPU
+MIN_SEQ_LEN, MAX_SEQ_LEN = 8, 8192
+MIN_VOCAB = 32  # the special tokens and the characters WordPiece starts from
+
+
 @dataclass
 class MLMConfig:
     vocab_size: int = 4096                     # of a WordPiece vocabulary trained here (not with `tokenizer`)
@@ -158,7 +163,23 @@ class MLMConfig:
     tokenizer: str | None = None               # a local HF tokenizer folder (else WordPiece trained here)
     model_config: str | None = None            # a transformers config JSON with a masked-LM head
     model_size: str | None = None              # a built-in size: see model_sizes.json
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Ranges checked before any data is read (``check_task_options`` runs this too)."""
+        def need(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)!r} (allowed: {allowed})")
+        need("vocab_size", MIN_VOCAB <= self.vocab_size, f"an integer >= {MIN_VOCAB}")
+        need("seq_len", MIN_SEQ_LEN <= self.seq_len <= MAX_SEQ_LEN,
+             f"{MIN_SEQ_LEN} .. {MAX_SEQ_LEN} tokens, [CLS] and [SEP] included")
+        for name in ("hidden", "layers", "heads", "intermediate"):
+            need(name, getattr(self, name) >= 1, "an integer >= 1")
+        need("hidden", self.hidden % self.heads == 0, f"a multiple of heads = {self.heads}")
+        need("dropout", 0.0 <= self.dropout < 1.0, "0 <= dropout < 1")
+        for name in ("max_eval_sequences", "limit_train_sequences"):
+            need(name, getattr(self, name) is None or getattr(self, name) >= 1, "an integer >= 1 or null")
+        need("max_position", self.max_position is None or self.max_position >= self.seq_len,
+             f"null or >= seq_len = {self.seq_len}")
 
 
 @dataclass
