@@ -20,7 +20,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path):
     assert set(results["table"]) == {"lamb", "adamw"}
     for opt, row in results["table"].items():
         assert set(row) == {"16", "64"}
-        assert row["64"]["n"] == 2  # more seeds at the largest batch
+        assert row["64"]["n"] >= 2  # more seeds at the largest batch (a third where two overlap)
     for png in ("metric_vs_batch.png", "loss_curves.png", "lr_sweep.png", "steps_to_target.png"):
         assert (out / png).stat().st_size > 5_000
     # the √ rule: the larger batch's LR is the base LR × √4
