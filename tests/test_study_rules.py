@@ -65,7 +65,8 @@ def test_runner_order_tuned_control_first_and_study_json(tmp_path):
     state = r.run()
     kinds = [c[0] for c in r.calls]
     assert kinds[:6] == ["tuned-sweep"] * 6 and all(c[2] == 64 for c in r.calls[:6])  # decisive numbers first
-    assert kinds[6:12] == ["sweep"] * 6
+    assert kinds[6:10] == ["tuned"] * 4  # then its seeds, before the slow smallest-batch sweep
+    assert kinds[10:16] == ["sweep"] * 6
     assert state["base_lr"] == {"lamb": 3e-3, "adamw": 1e-3}
     assert state["tuned_lr"]["lamb"] == pytest.approx(6e-3) and state["tuned_lr"]["batch"] == 64
     # the tuned grid is the sweep grid moved by the √ rule

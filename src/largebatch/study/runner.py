@@ -230,8 +230,9 @@ class SuiteRunner:
                             tags={"kind": "long-baseline", "epochs": epochs})
 
     def run(self) -> dict:
-        """Most decisive first: the tuned control at the largest batch, the base-LR sweep, the largest batch
-        with the √ rule, then the rest of the ladder, third seeds, the long baseline and the two-phase run."""
+        """Most decisive first: the tuned control at the largest batch (sweep, then seeds), the base-LR sweep at
+        the smallest batch, the largest batch with the √ rule, then the rest of the ladder, third seeds, the
+        long baseline and the two-phase run."""
         s = self.suite
         self.out.mkdir(parents=True, exist_ok=True)
         if self.progress:
@@ -241,12 +242,12 @@ class SuiteRunner:
         tuned = {o: self.sweep(o, s.batches[-1], self.tuned_grid(o), kind="tuned-sweep")[0]
                  for o in s.lr_grids} if control else {}
         self._save(tuned=tuned)
+        for o, lr in tuned.items():  # cheap (the largest batch): each optimizer's best at that batch, seeded
+            self.tuned_seeds(o, lr, s.seeds_largest)
         chosen = {o: self.sweep(o)[0] for o in s.lr_grids}
         self._save(chosen, tuned)
         for o, base in chosen.items():
             self.ladder(o, base, s.batches[-1:])
-            if o in tuned:
-                self.tuned_seeds(o, tuned[o], s.seeds_largest)
         for o, base in chosen.items():
             self.ladder(o, base, s.batches[:-1])
         self.more_seeds(chosen, tuned)
