@@ -6,7 +6,7 @@ import math
 import pytest
 
 from largebatch.study import rules
-from largebatch.study.runner import SuiteRunner
+from largebatch.study.runner import SuiteRunner, middle_out
 from largebatch.study.suites import SUITES, Suite
 
 
@@ -64,13 +64,17 @@ def test_runner_order_tuned_control_first_and_study_json(tmp_path):
     r = StubRunner(suite, tmp_path, progress=False)
     state = r.run()
     kinds = [c[0] for c in r.calls]
-    assert kinds[:6] == ["tuned-sweep"] * 6 and all(c[2] == 64 for c in r.calls[:6])  # decisive numbers first
-    assert kinds[6:10] == ["tuned"] * 4  # then its seeds, before the slow smallest-batch sweep
-    assert kinds[10:16] == ["sweep"] * 6
+    # decisive numbers first: the tuned control's grids at the largest batch, interleaved, middle LR first
+    assert kinds[:12] == ["tuned-sweep"] * 12 and all(c[2] == 64 for c in r.calls[:12])
+    assert [c[1:4] for c in r.calls[:3]] == [("lamb", 64, pytest.approx(6e-3)), ("adamw", 64, pytest.approx(2e-3)),
+                                             ("lamb", 64, pytest.approx(2e-3))]
+    assert kinds[12:16] == ["tuned"] * 4  # then its seeds, before the slow smallest-batch sweep
+    assert kinds[16:28] == ["sweep"] * 12
     assert state["base_lr"] == {"lamb": 3e-3, "adamw": 1e-3}
     assert state["tuned_lr"]["lamb"] == pytest.approx(6e-3) and state["tuned_lr"]["batch"] == 64
     # the tuned grid is the sweep grid moved by the √ rule
-    assert [c[3] for c in r.calls[:3]] == pytest.approx([2e-3, 6e-3, 2e-2])
+    assert sorted(c[3] for c in r.calls[:6] if c[1] == "lamb") == pytest.approx([2e-3, 6e-3, 2e-2])
+    assert middle_out(3) == [1, 0, 2] and middle_out(4) == [2, 1, 3, 0]
     assert ("long-baseline", "lamb", 16, 3e-3, 0) in r.calls
     saved = json.loads((tmp_path / "study.json").read_text())
     assert "running" not in saved and saved["base_lr"] == state["base_lr"]

@@ -21,6 +21,17 @@ def run_name(optimizer: str, batch: int, lr: float, seed: int) -> str:
     return f"{optimizer}-b{batch}-lr{lr:.3g}-s{seed}"
 
 
+def middle_out(n: int) -> list[int]:
+    """Indices 0..n-1 from the middle outwards: 3 -> [1, 0, 2], 4 -> [2, 1, 3, 0]."""
+    mid = n // 2
+    out = [mid]
+    for k in range(1, n):
+        for j in (mid - k, mid + k):
+            if 0 <= j < n:
+                out.append(j)
+    return out
+
+
 class SuiteRunner:
     def __init__(self, suite: Suite, out: str | Path, *, threads: int | None = None, progress: bool = True,
                  verbose: bool = False):
@@ -159,6 +170,14 @@ class SuiteRunner:
         scores = run(finer)
         return rules.best_lr(scores), list(results.values())
 
+    def prime(self, batch: int, grids: dict[str, tuple[float, ...]], kind: str) -> None:
+        """Train the initial grids of all optimizers interleaved, middle LR first, so that a partial study
+        already compares every optimizer; the sweeps then read these runs back (and count them again)."""
+        for i in middle_out(max(len(g) for g in grids.values())):
+            for optimizer, grid in grids.items():
+                if i < len(grid):
+                    self.run_one(optimizer, batch, sorted(grid)[i], 0, tags={"kind": kind})
+
     def tuned_grid(self, optimizer: str) -> tuple[float, ...]:
         """The tuned control's initial grid at the largest batch: the sweep grid moved by the scaling rule, so
         the √-rule LR of an in-grid choice is one of its points."""
@@ -172,7 +191,7 @@ class SuiteRunner:
         """Runs planned before any result is known; extensions, refinements and third seeds add to it."""
         s = self.suite
         n_opt = len(s.lr_grids)
-        sweep = sum(len(g) for g in s.lr_grids.values())
+        sweep = 2 * sum(len(g) for g in s.lr_grids.values())  # primed, then read back by the sweep
         ladder = sum(self.seeds_at(b) for b in s.batches) * n_opt
         tuned = (sweep + s.seeds_largest * n_opt) if s.tuned_control and len(s.batches) > 1 else 0
         long = n_opt if s.long_baseline else 0
@@ -239,11 +258,14 @@ class SuiteRunner:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=self.plan_size(), desc=f"study {s.name}", unit="run", dynamic_ncols=True)
         control = s.tuned_control and len(s.batches) > 1
+        if control:
+            self.prime(s.batches[-1], {o: self.tuned_grid(o) for o in s.lr_grids}, "tuned-sweep")
         tuned = {o: self.sweep(o, s.batches[-1], self.tuned_grid(o), kind="tuned-sweep")[0]
                  for o in s.lr_grids} if control else {}
         self._save(tuned=tuned)
         for o, lr in tuned.items():  # cheap (the largest batch): each optimizer's best at that batch, seeded
             self.tuned_seeds(o, lr, s.seeds_largest)
+        self.prime(s.batches[0], s.lr_grids, "sweep")
         chosen = {o: self.sweep(o)[0] for o in s.lr_grids}
         self._save(chosen, tuned)
         for o, base in chosen.items():
