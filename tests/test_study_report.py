@@ -288,3 +288,35 @@ def test_a_target_met_at_the_first_evaluation_is_only_an_upper_bound(tmp_path):
     assert both["upper_bound"] and both["efficiency"] is None
     md = "\n".join(M.md_steps(A.steps_table(table), "accuracy", 0.5))
     assert "| lamb | ≤ 2 (2/2, eff 1.00) | 8 (2/2, eff ≤ 0.02) |" in md
+
+
+def test_tuned_control_gives_both_readings(tmp_path):
+    """AdamW: the √ rule's LR was bad (its own LR does better beyond the spread) but even tuned it stays below
+    LAMB beyond the spread; LAMB: the √-rule LR is its best. Long baseline and ablation rows are shown."""
+    study = tmp_path / "synthetic-img"
+    ladder(study, "lamb", {16: [0.90, 0.90], 256: [0.88, 0.89, 0.88]})
+    ladder(study, "adamw", {16: [0.90, 0.90], 256: [0.70, 0.71, 0.70]})
+    for lr, v in ((2e-3, 2.0), (4e-3, 1.5), (8e-3, 1.0)):  # lamb's tuned sweep: the √-rule LR 4e-3 is not best
+        write_run(study, f"lamb-t{lr}", optimizer="lamb", batch=256, lr=lr, kind="tuned-sweep", val_loss=v, acc=0.885)
+    for lr, v in ((1e-3, 2.0), (8e-3, 1.0)):
+        write_run(study, f"adamw-t{lr}", optimizer="adamw", batch=256, lr=lr, kind="tuned-sweep", val_loss=v, acc=0.80)
+    for seed, a in ((1, 0.81), (2, 0.80)):
+        write_run(study, f"adamw-tuned-s{seed}", optimizer="adamw", batch=256, lr=8e-3, seed=seed, kind="tuned", acc=a)
+    write_run(study, "long-lamb", optimizer="lamb", batch=16, lr=1e-3, kind="long-baseline", acc=0.92,
+              extra={"epochs": 2.0})
+    abl = tmp_path / "ablated"
+    ladder(abl, "lamb", {16: [0.89, 0.89], 256: [0.84, 0.85]})
+    suite = Suite("synthetic-img", "image", batches=(16, 256), epochs=1.0, warmup_steps=2, micro_batch_size=256,
+                  lr_grids={"lamb": (1e-3,), "adamw": (1e-3,)}, ablation="ablated", description="synthetic")
+    (study / "study.json").write_text(json.dumps({"suite": "x", "base_lr": {"lamb": 1e-3, "adamw": 1e-3},
+                                                  "tuned_lr": {"batch": 256, "lamb": 8e-3, "adamw": 8e-3}}))
+    text = R.build_report(study, suite).read_text()
+    assert "## Tuned control at the largest batch (256)" in text
+    assert "**adamw** at batch 256: **the √ rule gave it a bad LR**" in text
+    assert "**adamw does not reach lamb's quality with any LR tried**" in text
+    assert "| lamb | 0.004 | 0.8833 ± 0.0050 (3) | 0.008 | 0.8850 ± 0.0000 (1) |" in text
+    assert "| lamb | 16 | 2 | 0.9200 | 0.9000 ± 0.0000 | +0.0200 |" in text
+    assert "| lamb | ablated | 0.8900 ± 0.0000 (2) | 0.8450 ± 0.0050 (2) |" in text
+    assert "Design rules applied by the runner" in text
+    res = no_nan((study / "results.json").read_text())
+    assert res["tuned_control"]["adamw"]["tuned"]["n"] == 3 and res["ablation"]["suite"] == "ablated"

@@ -194,3 +194,48 @@ def finetune_table(runs: list[dict]) -> dict:
 
 def provisional(sweep: dict) -> dict:
     return {o: s["chosen"] for o, s in sweep.items() if s["provisional"]}
+
+
+# ------------------------------------------------------------- the design's controls (issue: decisive study)
+def _cell(rs: list[dict], key: str) -> dict:
+    rs = sorted(rs, key=lambda r: r.get("seed", 0))
+    mean, spread = mean_spread([r.get(f"test_{key}") for r in rs])
+    return {"mean": mean, "spread": spread, "n": len(rs), "lr": rs[0]["lr"] if rs else None,
+            "seeds": [r.get("seed") for r in rs], "diverged": sum(bool(r.get("diverged")) for r in rs),
+            "runs": [r.get("run") for r in rs]}
+
+
+TUNED_KINDS = ("tuned-sweep", "tuned", "ladder")  # the runs at the largest batch a tuned cell may hold
+
+
+def tuned_control(runs: list[dict], table: dict, tuned_lr: dict | None, batch: int, metric: str) -> dict:
+    """optimizer -> the tuned control at ``batch``: its LR sweep (seed 0, by validation loss), the tuned LR
+    (from study.json, else provisional: the best so far) with its cell over seeds, and the √-rule cell."""
+    at_b = [r for r in runs if r.get("batch_size") == batch and r.get("kind") in TUNED_KINDS]
+    out = {}
+    for opt in dict.fromkeys(r["optimizer"] for r in at_b if r.get("kind") == "tuned-sweep"):
+        mine = [r for r in at_b if r["optimizer"] == opt]
+        points = sorted(({"lr": r["lr"], "validation_loss": r.get("validation_loss") if finite(r.get("validation_loss"))
+                          else None, "diverged": bool(r.get("diverged")) or not finite(r.get("validation_loss")),
+                          "run": r.get("run")} for r in mine if r.get("seed", 0) == 0), key=lambda p: p["lr"])
+        lr = (tuned_lr or {}).get(opt)
+        ok = [p for p in points if not p["diverged"]]
+        chosen = lr if lr is not None else (min(ok, key=lambda p: p["validation_loss"])["lr"] if ok else None)
+        tuned = _cell([r for r in mine if chosen is not None and same_lr(r["lr"], chosen)], metric)
+        out[opt] = {"batch": batch, "points": points, "lr": chosen, "provisional": lr is None,
+                    "notes": sweep_notes(points, chosen), "tuned": tuned, "sqrt": table.get(opt, {}).get(batch)}
+    return out
+
+
+def long_baseline(runs: list[dict], table: dict, metric: str) -> dict:
+    """optimizer -> the smallest batch trained longer (seed 0) beside the ladder's smallest-batch cell."""
+    out = {}
+    for r in runs:
+        if r.get("kind") != "long-baseline":
+            continue
+        row = table.get(r["optimizer"], {})
+        b0 = r["batch_size"]
+        out[r["optimizer"]] = {"batch": b0, "epochs": r.get("epochs"), "lr": r["lr"], "value": r.get(f"test_{metric}"),
+                               "ladder": row.get(b0), "run": r.get("run")}
+    return out
+

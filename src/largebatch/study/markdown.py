@@ -60,6 +60,8 @@ def _optimizer_by_batch(table: dict, cell) -> list[str]:
 
 
 def md_table(table: dict, title: str, metric_label: str) -> list[str]:
+    if not table:
+        return [f"## {title}\n", "(no ladder run has finished yet)\n"]
     batches = sorted({b for row in table.values() for b in row})
     best = {b: max((row[b]["mean"] for row in table.values() if b in row and finite(row[b]["mean"])), default=None)
             for b in batches}
@@ -180,3 +182,75 @@ def md_two_phase(tp: dict | None) -> list[str]:
             label = f"phase {i + 1}" if len(c["phases"]) > 1 else "single phase"
             lines.append(f"- {names[kind]}, {label}: {_phase_desc(p)}")
     return lines + ["", two_phase_comparison(tp), "", "![two_phase.png](two_phase.png)", ""]
+
+
+def md_rules(rules: dict | None) -> list[str]:
+    """The design rules the runner applied (recorded in study.json by the runner that trained the study)."""
+    if not rules:
+        return []
+    out = []
+    if rules.get("refine_factor"):
+        out.append(f"where the two best LRs of a sweep are within {100 * rules['near_tie']:g}% (validation loss), "
+                   f"one more LR on each side of the best, ×{rules['refine_factor']:.3g} away, before the ladder")
+    if rules.get("tuned_control"):
+        out.append("a tuned control: each optimizer's own LR sweep at the largest batch (the same rules, the grid "
+                   "moved there by the scaling rule), reported beside the √-rule result")
+    if rules.get("seeds_max"):
+        out.append(f"up to {rules['seeds_max']} seeds in every cell where two seeds' spread overlaps a difference "
+                   "the report judges (each batch vs the smallest, each optimizer vs LAMB at the largest)")
+    if rules.get("long_baseline"):
+        out.append(f"the smallest batch also trained {rules['long_baseline']:g}× the epochs (seed 0): how far "
+                   "from converged the ladder is")
+    return ["Design rules applied by the runner: " + "; ".join(out) + ".\n"] if out else []
+
+
+def md_tuned(control: dict, readings: list[str], metric: str) -> list[str]:
+    if not control:
+        return []
+    b = next(iter(control.values()))["batch"]
+    lines = [f"## Tuned control at the largest batch ({b})\n",
+             f"Each optimizer's own LR sweep at batch {b} (seed 0, chosen on validation loss), its best LR "
+             f"over seeds, beside the untuned √-rule result. Test {metric}, mean ± half-range (n).\n",
+             "| optimizer | √-rule LR | √-rule result | own best LR | own best result | LR → validation loss |",
+             "|---|---:|---:|---:|---:|---|"]
+    for opt, c in control.items():
+        sq, tu = c["sqrt"], c["tuned"]
+        pts = ", ".join(f"{p['lr']:.3g} → " + ("✗" if p["diverged"] else f"{p['validation_loss']:.4f}")
+                        for p in c["points"])
+        best = "—" if c["lr"] is None else f"{c['lr']:.3g}" + (" (so far)" if c["provisional"] else "")
+        lines.append(f"| {opt} | {'—' if sq is None else format(sq['lr'], '.3g')} | "
+                     f"{'pending' if sq is None else pm(sq['mean'], sq['spread']) + ' (' + str(sq['n']) + ')'} | "
+                     f"{best} | {pm(tu['mean'], tu['spread'])} ({tu['n']}) | {pts} |")
+    return lines + ["", "Both readings, from the runs finished so far:\n", *readings, ""]
+
+
+def md_ablation(table: dict, ablation: dict, name: str, metric: str) -> list[str]:
+    """Each optimizer's ladder with this suite's configuration and with the ablation's, side by side."""
+    if not ablation:
+        return []
+    batches = sorted({b for t in (table, ablation) for row in t.values() for b in row})
+    lines = [f"## Ablation: the same ladder without the exclusions (`{name}`)\n",
+             f"Test {metric}, mean ± half-range (n); the ablation's runs are those committed in "
+             f"[{name}](../{name}/report.md).\n",
+             "| optimizer | configuration | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|---|" + "---:|" * len(batches)]
+    for opt in dict.fromkeys([*table, *ablation]):
+        for label, t in (("this suite", table), (name, ablation)):
+            row = t.get(opt, {})
+            cells = ["—" if b not in row else f"{pm(row[b]['mean'], row[b]['spread'])} ({row[b]['n']})" for b in batches]
+            lines.append(f"| {opt} | {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def md_long_baseline(long: dict, metric: str) -> list[str]:
+    if not long:
+        return []
+    lines = ["## How far from converged: the smallest batch trained longer\n",
+             f"| optimizer | batch | epochs | test {metric} (seed 0) | ladder at that batch | difference |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for opt, c in long.items():
+        lad = c["ladder"]
+        diff = c["value"] - lad["mean"] if lad and finite(c["value"]) and finite(lad["mean"]) else None
+        lines.append(f"| {opt} | {c['batch']} | {c['epochs']:g} | {fmt(c['value'])} | "
+                     f"{'—' if not lad else pm(lad['mean'], lad['spread'])} | {'—' if diff is None else f'{diff:+.4f}'} |")
+    return lines + [""]

@@ -17,13 +17,15 @@ import math
 from pathlib import Path
 
 from . import report_plots as plots
-from .analysis import (build_table, finetune_table, provisional, steps_table, sweep_table, two_phase_table,
-                       unigram_baseline)
-from .markdown import md_header, md_protocol, md_steps, md_sweep, md_table, md_two_phase, md_verdicts, pm
+from .analysis import (build_table, finetune_table, long_baseline, provisional, steps_table, sweep_table,
+                       tuned_control, two_phase_table, unigram_baseline)
+from .markdown import (md_ablation, md_header, md_long_baseline, md_protocol, md_rules, md_steps, md_sweep, md_table,
+                       md_tuned, md_two_phase, md_verdicts, pm)
 from .runs import header_info, load_runs
 from .stats import finite
 from .suites import SUITES, get_suite
-from .verdicts import claim_paragraph, claim_summary, compare_at_largest, two_phase_comparison, verdicts
+from .verdicts import (claim_paragraph, claim_summary, compare_at_largest, tuned_readings, two_phase_comparison,
+                       verdicts)
 
 
 def _clean(x):
@@ -69,6 +71,7 @@ def build_report(study_dir: str | Path, suite=None) -> Path:
     files = plots.all_plots(study_dir, runs, table, sweep, metric, target, tp, bn_table)
     uni = unigram_baseline(table)
     lines = md_header(info, suite) + md_protocol(suite, meta.get("base_lr"), provisional(sweep))
+    lines += md_rules(_rules(suite, runs))
     lines += md_table(table, f"Test {metric}", metric)
     if uni is not None:
         flat = all(not finite(c["mean"]) or c["mean"] <= uni + 1e-6 for row in table.values() for c in row.values())
@@ -79,7 +82,8 @@ def build_report(study_dir: str | Path, suite=None) -> Path:
         lines += md_table(bn_table, f"Test {metric} with precise BN (BatchNorm statistics recomputed after training)",
                           f"precise-BN {metric}")
     lines += [f"![{f}]({f})" for f in ("metric_vs_batch.png",) if f in files] + [""]
-    lines += md_verdicts(table, metric, suite.task, cmp, claims, bn_table, tuple(suite.batches))
+    design_lines, design = _design(study_dir, runs, suite, meta, table)
+    lines += md_verdicts(table, metric, suite.task, cmp, claims, bn_table, tuple(suite.batches)) + design_lines
     lines += md_sweep(sweep)
     lines += md_steps(st, metric, target)
     if "steps_to_target.png" in files:
@@ -100,10 +104,37 @@ def build_report(study_dir: str | Path, suite=None) -> Path:
         "sweep": sweep, "steps_to_target": st, "verdicts": verdicts(table, metric),
         "precise_bn_verdicts": verdicts(bn_table, f"precise-BN {metric}") if bn_table else None,
         "comparison_at_largest": cmp, "claims": claims, "claim_summary": claim_paragraph(claims), "two_phase": tp,
-        "two_phase_comparison": two_phase_comparison(tp) if tp else None, "files": files,
+        "two_phase_comparison": two_phase_comparison(tp) if tp else None, **design, "files": files,
         "runs": runs}), indent=2, default=str))
     (study_dir / "report.md").write_text("\n".join(lines) + "\n")
     return study_dir / "report.md"
+
+
+DESIGN_KINDS = ("tuned-sweep", "tuned", "long-baseline")  # kinds only the runner with the design rules trains
+
+
+def _rules(suite, runs: list[dict]) -> dict | None:
+    """The suite's design rules, when its runs show that the runner applied them."""
+    if not any(r.get("kind") in DESIGN_KINDS for r in runs):
+        return None
+    return {"near_tie": suite.near_tie, "refine_factor": suite.refine_factor, "tuned_control": suite.tuned_control,
+            "seeds_max": suite.seeds_max, "long_baseline": suite.long_baseline}
+
+
+def _design(study_dir: Path, runs: list[dict], suite, meta: dict, table: dict) -> tuple[list[str], dict]:
+    """The controls that say why a result came out as it did: the tuned control at the largest batch with
+    both readings, the long-trained smallest batch, and the ablation row (a sibling study directory)."""
+    metric = suite.metric
+    control = tuned_control(runs, table, meta.get("tuned_lr"), suite.batches[-1], metric) if suite.batches else {}
+    readings = tuned_readings(control, metric)
+    long = long_baseline(runs, table, metric)
+    abl_dir = study_dir.parent / suite.ablation if suite.ablation else None
+    abl_runs = load_runs(abl_dir) if abl_dir is not None and (abl_dir / "runs").is_dir() else []
+    ablation = build_table(abl_runs, metric, None) if abl_runs else {}
+    lines = md_tuned(control, readings, metric) + md_long_baseline(long, metric)
+    lines += md_ablation(table, ablation, suite.ablation, metric)
+    return lines, {"rules": _rules(suite, runs), "tuned_control": control, "tuned_readings": readings,
+                   "long_baseline": long, "ablation": {"suite": suite.ablation, "table": ablation} if ablation else None}
 
 
 def _guess_suite(study_dir: Path, runs: list[dict]) -> str:

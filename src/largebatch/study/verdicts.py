@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .stats import beyond, finite
+from .stats import beyond, finite, same_lr
 
 def _ends(row: dict) -> tuple[int, int, dict, dict] | None:
     batches = sorted(row)
@@ -169,3 +169,61 @@ def two_phase_comparison(tp: dict) -> str:
     ratio = f" in {a['steps']} vs {b['steps']} steps ({a['steps'] / b['steps']:.2f}×)" if a["steps"] and b["steps"] else ""
     return (f"The two-phase run {word} its single-phase twin: test accuracy {a['accuracy_mean']:.4f} vs "
             f"{b['accuracy_mean']:.4f} ({diff:+.4f}, {how} the seed spread ±{noise:.4f}){ratio}.")
+
+
+def _vs(a: dict | None, b: dict | None) -> tuple[float, float] | None:
+    """a − b and the noise (sum of half-ranges), or None when either is missing or not finite."""
+    if not a or not b or not (finite(a["mean"]) and finite(b["mean"])):
+        return None
+    return a["mean"] - b["mean"], (a["spread"] or 0) + (b["spread"] or 0)
+
+
+def rule_reading(opt: str, c: dict, metric: str) -> str:
+    """Did the √ rule give ``opt`` a bad LR at the largest batch? Its tuned cell against its √-rule cell."""
+    b, sq, tu = c["batch"], c["sqrt"], c["tuned"]
+    pending = " (provisional: the tuned sweep is not finished)" if c["provisional"] else ""
+    if sq is None:
+        return f"- **{opt}** at batch {b}: √-rule run pending; own best LR so far {c['lr']:.3g}{pending}."
+    if c["lr"] is not None and same_lr(c["lr"], sq["lr"]):
+        return (f"- **{opt}** at batch {b}: the √ rule's LR {sq['lr']:.3g} is also its best LR on the grid at "
+                f"this batch{pending}: the rule did not cost it anything here.")
+    d = _vs(tu, sq)
+    if d is None:
+        return f"- **{opt}** at batch {b}: own best LR {c['lr']:.3g} vs √-rule LR {sq['lr']:.3g}; no finite comparison yet{pending}."
+    diff, noise = d
+    n = f"(n={tu['n']} vs n={sq['n']})"
+    if beyond(diff, noise):
+        return (f"- **{opt}** at batch {b}: **the √ rule gave it a bad LR** — with its own LR {c['lr']:.3g} test "
+                f"{metric} {tu['mean']:.4f} vs {sq['mean']:.4f} at the √-rule LR {sq['lr']:.3g} "
+                f"({diff:+.4f}, beyond ±{noise:.4f}) {n}{pending}.")
+    return (f"- **{opt}** at batch {b}: its own LR {c['lr']:.3g} gives {tu['mean']:.4f} vs {sq['mean']:.4f} at the "
+            f"√-rule LR {sq['lr']:.3g} ({diff:+.4f}, within ±{noise:.4f}) {n}: the rule's LR is as good{pending}.")
+
+
+def tuned_reading(opt: str, c: dict, ref: str, r: dict, metric: str) -> str:
+    """Can ``opt`` reach ``ref``'s quality at the largest batch with its own best LR? Tuned against tuned."""
+    d = _vs(c["tuned"], r["tuned"])
+    b = c["batch"]
+    pending = " (provisional)" if c["provisional"] or r["provisional"] else ""
+    if d is None:
+        return f"- **{opt}** vs {ref}, both tuned at batch {b}: pending."
+    diff, noise = d
+    tu, rt = c["tuned"], r["tuned"]
+    one = " (one seed each: no spread yet)" if tu["n"] < 2 and rt["n"] < 2 else ""
+    nums = (f"{tu['mean']:.4f} at LR {c['lr']:.3g} vs {rt['mean']:.4f} at LR {r['lr']:.3g} "
+            f"({diff:+.4f}, {'beyond' if beyond(abs(diff), noise) else 'within'} ±{noise:.4f}){one}{pending}")
+    if not beyond(abs(diff), noise):
+        return f"- **{opt}** vs {ref}, both at their own best LR at batch {b}: as good within the spread: {nums}."
+    if diff < 0:
+        return (f"- **{opt}** vs {ref}, both at their own best LR at batch {b}: **{opt} does not reach {ref}'s "
+                f"quality with any LR tried**: {nums}.")
+    return f"- **{opt}** vs {ref}, both at their own best LR at batch {b}: **{opt} beats {ref}**: {nums}."
+
+
+def tuned_readings(control: dict, metric: str, ref: str = "lamb") -> list[str]:
+    """Both readings of a result at the largest batch: the rule's LR (per optimizer), then the optimizer at its
+    own best LR against ``ref`` at its own best LR (the paper's claim: its AdamW baseline was tuned)."""
+    lines = [rule_reading(o, c, metric) for o, c in control.items()]
+    if ref in control:
+        lines += [tuned_reading(o, c, ref, control[ref], metric) for o, c in control.items() if o != ref]
+    return lines
