@@ -239,3 +239,18 @@ def long_baseline(runs: list[dict], table: dict, metric: str) -> dict:
                                "ladder": row.get(b0), "run": r.get("run")}
     return out
 
+
+
+def finetune_baselines(runs: list[dict]) -> dict:
+    """baseline name -> downstream test accuracy / macro-F1 over its runs (seeds of the random encoder)."""
+    groups = defaultdict(list)
+    for r in runs:
+        if r.get("kind") == "finetune-baseline":
+            groups[r.get("baseline", r.get("run"))].append(r)
+    out = {}
+    for name, rs in groups.items():
+        acc, sa = mean_spread([r.get("test_accuracy") for r in rs])
+        f1, sf = mean_spread([r.get("test_macro_f1") for r in rs])
+        out[name] = {"mean": acc, "spread": sa, "f1_mean": f1, "f1_spread": sf, "n": len(rs),
+                     "runs": [r.get("run") for r in rs], "C": rs[0].get("C")}
+    return out

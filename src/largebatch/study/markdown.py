@@ -254,3 +254,30 @@ def md_long_baseline(long: dict, metric: str) -> list[str]:
         lines.append(f"| {opt} | {c['batch']} | {c['epochs']:g} | {fmt(c['value'])} | "
                      f"{'—' if not lad else pm(lad['mean'], lad['spread'])} | {'—' if diff is None else f'{diff:+.4f}'} |")
     return lines + [""]
+
+
+def md_finetune(table: dict, source: str) -> list[str]:
+    if not table:
+        return ["", f"No checkpoint of `{source}` fine-tuned yet.\n"]
+    lines = ["", f"Every pre-trained checkpoint of `{source}` fine-tuned with one fixed recipe.\n",
+             "| pre-training optimizer | pre-training batch | downstream test accuracy | macro-F1 | "
+             "pre-training test accuracy | runs |", "|---|---:|---:|---:|---:|---:|"]
+    for opt, row in table.items():
+        for batch, c in sorted(row.items()):
+            lines.append(f"| {opt} | {batch} | {pm(c['mean'], c['spread'])} | {pm(c['f1_mean'], c['f1_spread'])} | "
+                         f"{pm(c['pretrain_mean'], c['pretrain_spread'])} | {c['n']} |")
+    return lines
+
+
+def md_finetune_baselines(baselines: dict, readings: list[str]) -> list[str]:
+    if not baselines:
+        return []
+    lines = ["## Baselines: what the downstream score is worth without pre-training\n",
+             "The randomly initialised encoder is the pre-training suite's model at its initialisation (one per "
+             "seed), fine-tuned with the same recipe; TF-IDF + logistic regression reads the same WordPiece "
+             "tokens (unigrams and bigrams, the same truncation), C chosen on the validation split.\n",
+             "| baseline | downstream test accuracy | macro-F1 | runs |", "|---|---:|---:|---:|"]
+    for name, c in baselines.items():
+        extra = f" (C={c['C']:g})" if c.get("C") is not None else ""
+        lines.append(f"| {name}{extra} | {pm(c['mean'], c['spread'])} | {pm(c['f1_mean'], c['f1_spread'])} | {c['n']} |")
+    return lines + ["", *readings, ""]

@@ -17,14 +17,14 @@ import math
 from pathlib import Path
 
 from . import report_plots as plots
-from .analysis import (build_table, finetune_table, long_baseline, provisional, steps_table, sweep_table,
+from .analysis import (build_table, finetune_baselines, finetune_table, long_baseline, provisional, steps_table, sweep_table,
                        tuned_control, two_phase_table, unigram_baseline)
-from .markdown import (md_ablation, md_header, md_long_baseline, md_protocol, md_rules, md_steps, md_sweep, md_table,
-                       md_tuned, md_two_phase, md_verdicts, pm)
+from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_header, md_long_baseline, md_protocol, md_rules, md_steps, md_sweep, md_table,
+                       md_tuned, md_two_phase, md_verdicts)
 from .runs import header_info, load_runs
 from .stats import finite
 from .suites import SUITES, get_suite
-from .verdicts import (claim_paragraph, claim_summary, compare_at_largest, tuned_readings, two_phase_comparison,
+from .verdicts import (against_baseline, claim_paragraph, claim_summary, compare_at_largest, tuned_readings, two_phase_comparison,
                        verdicts)
 
 
@@ -156,27 +156,26 @@ def _guess_suite(study_dir: Path, runs: list[dict]) -> str:
 
 
 def _finetune_report(study_dir: Path, runs: list[dict], suite) -> Path:
-    runs = [r for r in runs if r.get("kind", "finetune") == "finetune"]
+    runs = [r for r in runs if r.get("kind", "finetune") in ("finetune", "finetune-baseline")]
     if not runs:
         raise FileNotFoundError(f"no finished finetune runs under {study_dir / 'runs'}")
-    table = finetune_table(runs)
+    pretrained = [r for r in runs if r.get("kind", "finetune") == "finetune"]
+    table = finetune_table(pretrained)
+    baselines = finetune_baselines(runs)
+    readings = [line for name, c in baselines.items() for line in against_baseline(table, c, name)]
     info = header_info(study_dir, runs, suite.name)
-    files = plots.finetune_plot(study_dir, table)
-    lines = md_header(info, suite)
-    lines += ["", f"Every pre-trained checkpoint of `{suite.source}` fine-tuned with one fixed recipe.\n",
-              "| pre-training optimizer | pre-training batch | downstream test accuracy | macro-F1 | "
-              "pre-training test accuracy | runs |", "|---|---:|---:|---:|---:|---:|"]
-    for opt, row in table.items():
-        for batch, c in sorted(row.items()):
-            lines.append(f"| {opt} | {batch} | {pm(c['mean'], c['spread'])} | {pm(c['f1_mean'], c['f1_spread'])} | "
-                         f"{pm(c['pretrain_mean'], c['pretrain_spread'])} | {c['n']} |")
+    files = plots.finetune_plot(study_dir, table) if table else []
+    lines = md_header(info, suite) + md_finetune(table, suite.source)
     v = verdicts(table, "downstream accuracy")
-    lines += ["", "### Downstream accuracy, smallest vs largest pre-training batch\n",
-              "Rule: a drop counts only if it exceeds the sum of the two seed half-ranges.\n",
-              *(v or ["- (no optimizer has two pre-training batches yet)"]), ""]
+    if table:
+        lines += ["", "### Downstream accuracy, smallest vs largest pre-training batch\n",
+                  "Rule: a drop counts only if it exceeds the sum of the two seed half-ranges.\n",
+                  *(v or ["- (no optimizer has two pre-training batches yet)"]), ""]
+    lines += md_finetune_baselines(baselines, readings)
     lines += [f"![{f}]({f})" for f in files]
+    extra = {"baselines": baselines, "baseline_readings": readings} if baselines else {}
     (study_dir / "results.json").write_text(json.dumps(_clean({
-        "suite": suite.name, "task": suite.task, "header": info, "table": table, "verdicts": v, "files": files,
-        "runs": runs}), indent=2, default=str))
+        "suite": suite.name, "task": suite.task, "header": info, "table": table, "verdicts": v, **extra,
+        "files": files, "runs": runs}), indent=2, default=str))
     (study_dir / "report.md").write_text("\n".join(lines) + "\n")
     return study_dir / "report.md"

@@ -14,7 +14,7 @@ from typing import Any
 from .. import schedules
 from . import rules
 from .stats import same_lr
-from .suites import Suite
+from .suites import Suite, get_suite
 
 
 def run_name(optimizer: str, batch: int, lr: float, seed: int) -> str:
@@ -296,37 +296,73 @@ class SuiteRunner:
 
 
 class FinetuneRunner(SuiteRunner):
-    """Fine-tune every ladder run of the source suite (``<out>/../<source>``) with one fixed recipe."""
+    """Fine-tune every ladder run of the source suite (``<out>/../<source>``) with one fixed recipe, and the
+    baselines that calibrate it (study/baselines.py): a randomly initialised encoder with the same recipe and a
+    TF-IDF + logistic-regression classifier. ``baselines_only``: the baselines alone (no pre-trained runs needed)."""
 
-    def run(self) -> dict:
+    def __init__(self, *args, baselines_only: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.baselines_only = baselines_only
+
+    def sources(self) -> list[Path]:
+        """The source suite's finished ladder runs; checked before any work: a study copied without its
+        checkpoints (they are not committed) fails here with the fix."""
+        from ..train.checkpoint import list_checkpoints
+
         s = self.suite
         source = self.out.parent / s.source / "runs"
         sources = sorted(p for p in source.glob("*") if (p / "summary.json").exists()
                          and json.loads((p / "summary.json").read_text()).get("kind") == "ladder")
         if not sources:
             raise FileNotFoundError(f"no finished {s.source} runs under {source}: run `largebatch study {s.source}` first")
-        from ..train.checkpoint import list_checkpoints
-
-        # checked before any work: a study copied without its checkpoints (they are not committed) fails here
         missing = [p.name for p in sources if not list_checkpoints(p)]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(sources)} {s.source} runs have no checkpoint (ckpt-*.pt) to fine-tune from: "
                 f"{', '.join(missing)}. Retrain them on this machine: move those folders out of {source} and rerun "
-                f"`largebatch study {s.source} --out {self.out.parent / s.source}` (it trains only the runs it lacks)")
+                f"`largebatch study {s.source} --out {self.out.parent / s.source}` (it trains only the runs it lacks), "
+                f"or run only the baselines with --baselines-only")
+        return sources
+
+    def finetune(self, checkpoint: Path, name: str, tags: dict) -> dict:
+        optimizer, (lr,) = next(iter(self.suite.lr_grids.items()))
+        self._tasks.clear()  # the encoder differs per source run
+        return self.run_one(optimizer, self.suite.batches[0], lr, 0, extra_task_options={"checkpoint": str(checkpoint)},
+                            name=name, tags=tags)
+
+    def baselines(self) -> None:
+        """The random-initialisation encoders (one per seed) fine-tuned with the recipe, then TF-IDF."""
+        from .baselines import random_encoder, tfidf_logreg
+
+        s = self.suite
+        pre = get_suite(s.source)
+        encoders = []
+        for seed in range(s.baseline_seeds):
+            enc = random_encoder(pre.task, pre.task_options, seed, self.runs_dir / f"random-encoder-s{seed}")
+            encoders.append(enc)
+            self.finetune(enc, f"ft-random-encoder-s{seed}", {"kind": "finetune-baseline", "baseline": "random encoder",
+                                                              "pretrain_seed": seed})
+        done = self.runs_dir / "tfidf-logreg" / "summary.json"
+        if encoders and not done.exists():  # the last fine-tuned task: the same splits and tokens as every run
+            task = self._task({**s.task_options, "checkpoint": str(encoders[-1]), "seed": 0})
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({"kind": "finetune-baseline", "baseline": "TF-IDF + logistic regression",
+                                        "run": "tfidf-logreg", **tfidf_logreg(task.data)}, indent=2))
+
+    def run(self) -> dict:
+        s = self.suite
+        sources = [] if self.baselines_only else self.sources()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.progress:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=len(sources), desc=f"study {s.name}", unit="run", dynamic_ncols=True)
-        optimizer, (lr,) = next(iter(s.lr_grids.items()))
+            self.bar = tqdm(total=len(sources) + s.baseline_seeds, desc=f"study {s.name}", unit="run",
+                            dynamic_ncols=True)
+        self.baselines()
         for src in sources:
             meta = json.loads((src / "summary.json").read_text())
-            self._tasks.clear()  # the encoder differs per source run
-            self.run_one(optimizer, s.batches[0], lr, 0, extra_task_options={"checkpoint": str(src)},
-                         name=f"ft-{src.name}",
-                         tags={"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
-                               "pretrain_batch": meta["batch_size"], "pretrain_seed": meta["seed"],
-                               "pretrain_test_accuracy": meta.get("test_accuracy")})
+            self.finetune(src, f"ft-{src.name}", {"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
+                                                  "pretrain_batch": meta["batch_size"], "pretrain_seed": meta["seed"],
+                                                  "pretrain_test_accuracy": meta.get("test_accuracy")})
         if self.bar is not None:
             self.bar.close()
-        return {"suite": s.name, "runs": len(sources)}
+        return {"suite": s.name, "runs": len(sources), "baselines": s.baseline_seeds}

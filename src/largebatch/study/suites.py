@@ -37,6 +37,7 @@ class Suite:
     tuned_control: bool = True
     seeds_max: int = 3                       # a cell gets seeds up to this when two seeds' spread overlaps
     long_baseline: float | None = None       # the smallest batch also trained this many times the epochs
+    baseline_seeds: int = 0                  # finetune: randomly initialised encoders fine-tuned as a baseline
     # optimizer label -> factory name (a preset), when the label is not itself the recipe
     optimizer_names: dict[str, str] = field(default_factory=dict)
     ablation: str | None = None              # a sibling suite with the same ladder, shown as an ablation row
@@ -96,7 +97,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           description="image-scaling without the recipes' exclusions (LAMB `paper`, LARS ratio on every tensor, "
                       "SGD without decay): the ablation row"),
     Suite("finetune", "classify", batches=(32,), epochs=3.0, warmup_steps=10, micro_batch_size=32,
-          lr_grids={"adamw": (1e-3,)}, seeds=1, seeds_largest=1, source="mlm-scaling",
+          lr_grids={"adamw": (1e-3,)}, seeds=1, seeds_largest=1, source="mlm-scaling", baseline_seeds=3,
           description="fine-tune every mlm-scaling checkpoint on BBC News: a downstream score per pre-training batch"),
     Suite("smoke", "mlm", batches=(16, 64), epochs=1.0, warmup_steps=2, micro_batch_size=64,
           lr_grids={"lamb": (3e-3, 1e-2), "adamw": (1e-3, 3e-3)},

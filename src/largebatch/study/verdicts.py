@@ -227,3 +227,21 @@ def tuned_readings(control: dict, metric: str, ref: str = "lamb") -> list[str]:
     if ref in control:
         lines += [tuned_reading(o, c, ref, control[ref], metric) for o, c in control.items() if o != ref]
     return lines
+
+
+def against_baseline(table: dict, base: dict | None, name: str) -> list[str]:
+    """Each pre-training cell against a baseline cell: above / within / below the two spreads."""
+    if not base or not finite(base["mean"]):
+        return []
+    groups: dict[str, list[str]] = {"above": [], "within": [], "below": []}
+    for opt, row in table.items():
+        for batch, c in sorted(row.items()):
+            d = _vs(c, base)
+            if d is None:
+                continue
+            diff, noise = d
+            where = "within" if not beyond(abs(diff), noise) else ("above" if diff > 0 else "below")
+            groups[where].append(f"{opt} {batch} ({diff:+.4f} ±{noise:.4f})")
+    words = {"above": f"beat the {name} beyond the spread", "within": f"are within the spread of the {name}",
+             "below": f"fall below the {name} beyond the spread"}
+    return [f"- {len(v)} pre-trained cell(s) {words[k]}: {', '.join(v)}." for k, v in groups.items() if v]
