@@ -320,3 +320,20 @@ def test_tuned_control_gives_both_readings(tmp_path):
     assert "Design rules applied by the runner" in text
     res = no_nan((study / "results.json").read_text())
     assert res["tuned_control"]["adamw"]["tuned"]["n"] == 3 and res["ablation"]["suite"] == "ablated"
+
+
+def test_the_users_corpus_is_named_with_its_size(tmp_path, capsys):
+    corpus = tmp_path / "my.txt"
+    corpus.write_text("to be or not to be\n" * 10)
+    study = tmp_path / "synthetic-mlm"
+    ladder(study, "lamb", {16: [0.5], 64: [0.5]})
+    for cfg in study.glob("runs/*/config.json"):
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "task_options": {"data": str(corpus)}}))
+    text = R.build_report(study, MLM).read_text()
+    assert f"- data: `{corpus}` (190 bytes)" in text
+    assert f"largebatch study synthetic-mlm --out {study} --data {corpus}" in text
+    from largebatch.cli.main import main
+
+    assert main(["study", "image-scaling", "--data", str(corpus), "--out", str(tmp_path / "img")]) == 2
+    assert "Invalid --data for suite 'image-scaling' (allowed: a suite of the mlm task: mlm-scaling | smoke)" \
+        in capsys.readouterr().err

@@ -29,6 +29,9 @@ def md_header(info: dict, suite) -> list[str]:
              f"- git commit: {commit_s}",
              f"- runs: {info['runs']} finished ({kinds}); training compute {info['compute_hours']:.2f} h "
              "(Σ over steps of batch / samples_per_s from metrics.jsonl; evaluations excluded)"]
+    for key, f in (info.get("corpus") or {}).items():
+        size = "size unknown: not found on this machine" if f["bytes"] is None else f"{f['bytes']:,} bytes"
+        lines.append(f"- {key.replace('_', ' ')}: `{f['path']}` ({size})")
     if info["runs_in_progress"]:
         lines.append(f"- **study still running**: {len(info['runs_in_progress'])} run(s) without summary yet "
                      f"({', '.join(info['runs_in_progress'])}; {info['compute_hours_in_progress']:.2f} h so far); "

@@ -188,6 +188,27 @@ def _git(cwd: Path, *args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+CORPUS_OPTIONS = ("data", "eval_data", "model_config")  # task options that name the user's own files
+
+
+def _size(path: Path) -> int | None:
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return None
+
+
+def corpus(runs: list[dict]) -> dict | None:
+    """The user's own corpus / model config of a study (from its runs' config.json), with sizes in bytes."""
+    for r in runs:
+        options = read_config(r["dir"]).get("task_options") or {}
+        given = {k: options[k] for k in CORPUS_OPTIONS if options.get(k)}
+        if given:
+            return {k: {"path": str(v), "bytes": _size(Path(v))} for k, v in given.items()}
+    return None
+
+
 def header_info(study_dir: Path, runs: list[dict], suite_name: str) -> dict:
     """Commands, software versions, git commit, run count and training compute time of a study."""
     commit = _git(study_dir, "rev-parse", "HEAD") if study_dir.exists() else None
@@ -195,8 +216,11 @@ def header_info(study_dir: Path, runs: list[dict], suite_name: str) -> dict:
     running = runs_in_progress(study_dir)
     compute = sum(load_metrics(r["dir"])["compute_s"] for r in runs)
     running_s = sum(load_metrics(study_dir / "runs" / n)["compute_s"] for n in running)
+    files = corpus(runs)
+    flags = "".join(f" --{k.replace('_', '-')} {v['path']}" for k, v in (files or {}).items())
     return {
-        "commands": [f"largebatch study {suite_name} --out {study_dir}", f"largebatch report {study_dir}"],
+        "commands": [f"largebatch study {suite_name} --out {study_dir}{flags}", f"largebatch report {study_dir}"],
+        **({"corpus": files} if files else {}),
         "versions": {**{k: _version(k) for k in VERSIONED}, "python": platform.python_version()},
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs",
         "git_commit": commit, "git_dirty": dirty,
