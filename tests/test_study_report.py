@@ -337,3 +337,19 @@ def test_the_users_corpus_is_named_with_its_size(tmp_path, capsys):
     assert main(["study", "image-scaling", "--data", str(corpus), "--out", str(tmp_path / "img")]) == 2
     assert "Invalid --data for suite 'image-scaling' (allowed: a suite of the mlm task: mlm-scaling | smoke)" \
         in capsys.readouterr().err
+
+
+def test_ladder_runs_at_a_superseded_lr_leave_the_table(tmp_path):
+    """A study resumed under a rule that changed the base LR (e.g. the near-tie refinement): the old ladder runs
+    stay on disk but leave the table; the old chosen run stays a sweep point."""
+    study = tmp_path / "synthetic-mlm"
+    ladder(study, "lamb", {16: [0.5, 0.5], 64: [0.5, 0.5]}, lr0=1e-3)          # the old choice
+    for b, seed in ((16, 0), (16, 1), (64, 0), (64, 1)):
+        write_run(study, f"new-{b}-{seed}", optimizer="lamb", batch=b, lr=2e-3 * math.sqrt(b / 16), seed=seed, acc=0.7)
+    sweep(study, "lamb", {4e-3: 2.5})
+    (study / "study.json").write_text(json.dumps({"suite": "x", "base_lr": {"lamb": 2e-3}}))
+    R.build_report(study, MLM)
+    res = json.loads((study / "results.json").read_text())
+    assert res["table"]["lamb"]["64"]["n"] == 2 and res["table"]["lamb"]["64"]["mean"] == 0.7
+    assert sorted(p["lr"] for p in res["sweep"]["lamb"]["points"]) == [1e-3, 2e-3, 4e-3]
+    assert res["header"]["by_kind"] == {"ladder": 4, "superseded": 4, "sweep": 1}

@@ -6,6 +6,7 @@ import math
 import statistics
 from collections import defaultdict
 
+from ..schedules import scale_lr
 from .runs import load_metrics, read_config, steps_to_target
 from .stats import finite, mean_spread, same_lr
 
@@ -43,6 +44,9 @@ def unigram_baseline(table: dict) -> float | None:
     return next((c["unigram"] for row in table.values() for c in row.values() if finite(c.get("unigram"))), None)
 
 
+SWEEP_KINDS = ("sweep", "ladder", "superseded")  # a superseded ladder run at the sweep batch was a sweep point
+
+
 def sweep_points(runs: list[dict], smallest: int | None = None) -> dict[str, list[dict]]:
     """optimizer -> [{lr, validation_loss, diverged, run}] of the base-LR sweep (seed 0 at the smallest batch;
     the chosen LR's run is relabelled ``ladder`` by the runner, so it is included)."""
@@ -54,7 +58,7 @@ def sweep_points(runs: list[dict], smallest: int | None = None) -> dict[str, lis
     for r in runs:
         opt = r["optimizer"]
         b0 = smallest if smallest is not None else sweep_batch.get(opt)
-        if b0 is None or r.get("batch_size") != b0 or r.get("seed", 0) != 0 or r.get("kind") not in ("sweep", "ladder"):
+        if b0 is None or r.get("batch_size") != b0 or r.get("seed", 0) != 0 or r.get("kind") not in SWEEP_KINDS:
             continue
         v = r.get("validation_loss")
         by_opt[opt].append({"lr": r["lr"], "validation_loss": v if finite(v) else None,
@@ -253,4 +257,19 @@ def finetune_baselines(runs: list[dict]) -> dict:
         f1, sf = mean_spread([r.get("test_macro_f1") for r in rs])
         out[name] = {"mean": acc, "spread": sa, "f1_mean": f1, "f1_spread": sf, "n": len(rs),
                      "runs": [r.get("run") for r in rs], "C": rs[0].get("C")}
+    return out
+
+
+def mark_superseded(runs: list[dict], base_lr: dict | None, suite) -> list[dict]:
+    """Ladder runs whose LR is not the chosen base LR's (a study resumed under a rule that changed the choice,
+    e.g. the near-tie refinement) are relabelled ``superseded``: kept in the files, out of the tables."""
+    if not base_lr or not suite.batches:
+        return runs
+    out = []
+    for r in runs:
+        base = base_lr.get(r.get("optimizer"))
+        if r.get("kind") == "ladder" and base is not None and not same_lr(
+                r["lr"], scale_lr(base, suite.batches[0], r["batch_size"], suite.scaling)):
+            r = {**r, "kind": "superseded", "kind_was": "ladder"}
+        out.append(r)
     return out

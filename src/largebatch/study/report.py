@@ -17,10 +17,10 @@ import math
 from pathlib import Path
 
 from . import report_plots as plots
-from .analysis import (build_table, finetune_baselines, finetune_table, long_baseline, provisional, steps_table, sweep_table,
-                       tuned_control, two_phase_table, unigram_baseline)
-from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_header, md_long_baseline, md_protocol, md_rules, md_steps, md_sweep, md_table,
-                       md_tuned, md_two_phase, md_verdicts)
+from .analysis import (build_table, finetune_baselines, finetune_table, long_baseline, mark_superseded,
+                       provisional, steps_table, sweep_table, tuned_control, two_phase_table, unigram_baseline)
+from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_header, md_long_baseline, md_protocol,
+                       md_rules, md_steps, md_sweep, md_table, md_tuned, md_two_phase, md_verdicts)
 from .runs import header_info, load_runs
 from .stats import finite
 from .suites import SUITES, get_suite
@@ -57,6 +57,7 @@ def build_report(study_dir: str | Path, suite=None) -> Path:
     if suite.task == "classify":
         return _finetune_report(study_dir, runs, suite)
     metric, target = suite.metric, suite.target
+    runs = mark_superseded(runs, meta.get("base_lr"), suite)
     table = build_table(runs, metric, target)
     bn_key = f"precise_bn_{metric}"
     bn_table = build_table(runs, metric, None, key=bn_key) if any(f"test_{bn_key}" in r for r in runs
