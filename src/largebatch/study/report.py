@@ -134,8 +134,9 @@ def _design(study_dir: Path, runs: list[dict], suite, meta: dict, table: dict) -
     ablation = build_table(abl_runs, metric, None) if abl_runs else {}
     lines = md_tuned(control, readings, metric) + md_long_baseline(long, metric)
     lines += md_ablation(table, ablation, suite.ablation, metric)
-    return lines, {"rules": _rules(suite, runs), "tuned_control": control, "tuned_readings": readings,
-                   "long_baseline": long, "ablation": {"suite": suite.ablation, "table": ablation} if ablation else None}
+    data = {"rules": _rules(suite, runs), "tuned_control": control, "tuned_readings": readings,
+            "long_baseline": long, "ablation": {"suite": suite.ablation, "table": ablation} if ablation else None}
+    return lines, {k: v for k, v in data.items() if v}  # a study without these runs keeps its results.json
 
 
 def _guess_suite(study_dir: Path, runs: list[dict]) -> str:
