@@ -234,6 +234,14 @@ def test_finetune_report(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["table"]["lamb"]["16"]["mean"] == pytest.approx(0.81)
     assert f"largebatch report {tmp_path}" in md
+    assert "## Baselines" not in md
+    for seed, a in enumerate((0.70, 0.90)):  # a random encoder as good as the pre-trained ones
+        write_run(tmp_path, f"ft-random-encoder-s{seed}", optimizer="adamw", batch=32, kind="finetune-baseline",
+                  acc=a, extra={"baseline": "random encoder", "test_macro_f1": a})
+    md = R.build_report(tmp_path, FT).read_text()
+    assert "| random encoder | 0.8000 ± 0.1000 | 0.8000 ± 0.1000 | 2 |" in md
+    assert "**No pre-trained encoder beats the random encoder beyond the spread**: at this size" in md
+    assert "- 1 pre-trained cell(s) fall below the random encoder beyond the spread: adamw 1024" in md
 
 
 def test_model_order_places_no_decay_tensors_after_their_weights():

@@ -245,6 +245,11 @@ def long_baseline(runs: list[dict], table: dict, metric: str) -> dict:
 
 
 
+RANDOM_ENCODER = "random encoder"  # the baseline that tells whether the downstream score measures pre-training
+BASELINE_CONCLUSIONS = {RANDOM_ENCODER: ": at this size the downstream score does not measure what pre-training "
+                                        "learned"}
+
+
 def finetune_baselines(runs: list[dict]) -> dict:
     """baseline name -> downstream test accuracy / macro-F1 over its runs (seeds of the random encoder)."""
     groups = defaultdict(list)

@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 
 from . import report_plots as plots
-from .analysis import (build_table, finetune_baselines, finetune_table, long_baseline, mark_superseded,
-                       provisional, steps_table, sweep_table, tuned_control, two_phase_table, unigram_baseline)
+from .analysis import (BASELINE_CONCLUSIONS, build_table, finetune_baselines, finetune_table, long_baseline,
+                       mark_superseded, provisional, steps_table, sweep_table, tuned_control, two_phase_table, unigram_baseline)
 from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_header, md_long_baseline, md_protocol,
                        md_rules, md_steps, md_sweep, md_table, md_tuned, md_two_phase, md_verdicts)
 from .runs import header_info, load_runs
@@ -164,7 +164,8 @@ def _finetune_report(study_dir: Path, runs: list[dict], suite) -> Path:
     pretrained = [r for r in runs if r.get("kind", "finetune") == "finetune"]
     table = finetune_table(pretrained)
     baselines = finetune_baselines(runs)
-    readings = [line for name, c in baselines.items() for line in against_baseline(table, c, name)]
+    readings = [line for name, c in baselines.items()
+                for line in against_baseline(table, c, name, BASELINE_CONCLUSIONS.get(name, ""))]
     info = header_info(study_dir, runs, suite.name)
     files = plots.finetune_plot(study_dir, table) if table else []
     lines = md_header(info, suite) + md_finetune(table, suite.source)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import schedules
 from . import rules
+from .analysis import RANDOM_ENCODER
 from .stats import same_lr
 from .suites import Suite, get_suite
 
@@ -340,7 +341,7 @@ class FinetuneRunner(SuiteRunner):
         for seed in range(s.baseline_seeds):
             enc = random_encoder(pre.task, pre.task_options, seed, self.runs_dir / f"random-encoder-s{seed}")
             encoders.append(enc)
-            self.finetune(enc, f"ft-random-encoder-s{seed}", {"kind": "finetune-baseline", "baseline": "random encoder",
+            self.finetune(enc, f"ft-random-encoder-s{seed}", {"kind": "finetune-baseline", "baseline": RANDOM_ENCODER,
                                                               "pretrain_seed": seed})
         done = self.runs_dir / "tfidf-logreg" / "summary.json"
         if encoders and not done.exists():  # the last fine-tuned task: the same splits and tokens as every run

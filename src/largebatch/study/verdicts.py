@@ -229,8 +229,9 @@ def tuned_readings(control: dict, metric: str, ref: str = "lamb") -> list[str]:
     return lines
 
 
-def against_baseline(table: dict, base: dict | None, name: str) -> list[str]:
-    """Each pre-training cell against a baseline cell: above / within / below the two spreads."""
+def against_baseline(table: dict, base: dict | None, name: str, conclusion: str = "") -> list[str]:
+    """Each pre-training cell against a baseline cell: above / within / below the two spreads; ``conclusion``
+    is said when no cell is above."""
     if not base or not finite(base["mean"]):
         return []
     groups: dict[str, list[str]] = {"above": [], "within": [], "below": []}
@@ -244,4 +245,7 @@ def against_baseline(table: dict, base: dict | None, name: str) -> list[str]:
             groups[where].append(f"{opt} {batch} ({diff:+.4f} ±{noise:.4f})")
     words = {"above": f"beat the {name} beyond the spread", "within": f"are within the spread of the {name}",
              "below": f"fall below the {name} beyond the spread"}
-    return [f"- {len(v)} pre-trained cell(s) {words[k]}: {', '.join(v)}." for k, v in groups.items() if v]
+    lines = [f"- {len(v)} pre-trained cell(s) {words[k]}: {', '.join(v)}." for k, v in groups.items() if v]
+    if lines and not groups["above"]:
+        lines.insert(0, f"- **No pre-trained encoder beats the {name} beyond the spread**{conclusion}.")
+    return lines
