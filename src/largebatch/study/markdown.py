@@ -120,7 +120,7 @@ def md_verdicts(table: dict, metric: str, task: str, cmp: dict | None, claims: l
                 how = "within the seed spread" if v["status"] == "within spread" else "beyond the seed spread"
                 lines.append(f"- {o} vs {cmp['ref']}: {v['difference']:+.4f} ({how} ±{v['noise']:.4f}).")
         lines.append("")
-    lines += ["### Summary\n", "The paper's claim, part by part (SPEC §5: as the batch grows at a fixed epoch budget, "
+    lines += ["### Summary\n", "The paper's claim, part by part (as the batch grows at a fixed epoch budget, "
               "LAMB with the untuned √ rule keeps its final quality, AdamW degrades, LARS fails on the attention "
               "model):\n"]
     lines += [f"- {c['part']}: **{c['status']}** — {c['text']}" for c in claims]

@@ -1,10 +1,11 @@
-"""Built-in study suites, as data.
+"""Built-in study suites, as data (the design and its rules: docs/study.md, study/rules.py).
 
-Protocol (the paper's untuned rule, SPEC §4–5): each optimizer's base LR is swept at the SMALLEST batch
-only, chosen on the validation split (never the test split), the grid extended until the best value is
-inside it; every larger batch uses √ LR scaling, the same warmup steps and the same epoch budget (so
-proportionally fewer steps). STUDY-NOTES: the largest batch must still get ≥ ~300 optimizer steps, so the
-ladder starts small and the epoch budget is chosen with it.
+Protocol: each optimizer's base LR is swept at the smallest batch, chosen on the validation split (never the
+test split), the grid extended while the best value is at an edge and refined once at a near-tie; every
+larger batch uses the paper's untuned rule (√ LR scaling, the same warmup steps, the same epoch budget, so
+proportionally fewer steps); a tuned control sweeps each optimizer's own LR at the largest batch. A pilot
+showed that the largest batch must still get ≥ ~300 optimizer steps, so the ladder starts small and the
+epoch budget is chosen with it.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class Suite:
     scaling: str = "sqrt"
     eval_points: int = 8                     # evaluations per run (for curves and steps-to-target)
     source: str | None = None                # finetune: the pre-training suite whose checkpoints are used
-    # a two-phase ("mixed batch") run beside its single-phase twin, SPEC §4: ``optimizer``, ``seeds``,
+    # a two-phase ("mixed batch") run beside its single-phase twin: ``optimizer``, ``seeds``,
     # ``seq_len`` (the long length: the twin's, the last phase's and the evaluation's), ``twin_batch`` and
     # ``phases`` (dicts of seq_len, batch_size, epochs, warmup_steps, optional optimizer_state). Every LR
     # comes from the optimizer's swept base LR by the suite's scaling rule; the twin trains for the sum of
