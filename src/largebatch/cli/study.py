@@ -14,10 +14,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="study directory (default studies/<suite>); rerun to resume")
     p.add_argument("--threads", type=int)
     p.add_argument("--verbose", action="store_true", help="show each run's own output and progress bar")
-    for flag, what in (("--data", "training text (a file or folder) instead of the suite's corpus"),
-                       ("--eval-data", "held-out text for validation and test"),
-                       ("--model-config", "a model config (JSON) instead of the suite's model options")):
-        p.add_argument(flag, help=f"mlm suites: {what}; passed to the task as an option, named in the report")
+    for flag, nargs, what in (("--data", "+", "training text (files, folders, globs) instead of the suite's corpus"),
+                              ("--eval-data", "+", "held-out text for validation and test"),
+                              ("--model-config", None, "a transformers config JSON instead of the suite's model")):
+        p.add_argument(flag, nargs=nargs, help=f"mlm suites: {what}; a task option of every run, named in the report "
+                                               "(docs/own-data.md)")
     p.add_argument("--baselines-only", action="store_true",
                    help="finetune: only the baselines (a randomly initialised encoder fine-tuned with the same "
                         "recipe, TF-IDF + logistic regression); needs no pre-trained checkpoints")

@@ -86,6 +86,7 @@ class SuiteRunner:
                 epochs: float | None = None) -> dict:
         """Train one configuration (or read its finished summary)."""
         from ..train.checkpoint import list_checkpoints
+        from ..train.config import DATA_FIELDS
         from ..train.loop import TrainConfig, train
 
         s = self.suite
@@ -100,7 +101,8 @@ class SuiteRunner:
             epochs = s.epochs if epochs is None else epochs
             total = schedules.steps_for_epochs(epochs, task.train_size, batch)
             cfg = TrainConfig(
-                task=s.task, task_options={k: v for k, v in task_options.items() if k != "seed"},
+                task=s.task, task_options={k: v for k, v in task_options.items() if k != "seed" and k not in DATA_FIELDS},
+                **{k: v for k, v in task_options.items() if k in DATA_FIELDS},  # the user's data: config fields
                 optimizer=s.optimizer_names.get(optimizer, optimizer),
                 optimizer_options=dict(s.optimizer_options.get(optimizer, {})),
                 batch_size=batch, micro_batch_size=min(batch, s.micro_batch_size), lr=lr,

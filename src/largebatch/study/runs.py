@@ -199,13 +199,21 @@ def _size(path: Path) -> int | None:
     return None
 
 
+def _total_size(paths: list[str]) -> int | None:
+    sizes = [_size(Path(p)) for p in paths]
+    return None if any(s is None for s in sizes) else sum(sizes)
+
+
 def corpus(runs: list[dict]) -> dict | None:
-    """The user's own corpus / model config of a study (from its runs' config.json), with sizes in bytes."""
+    """The user's own corpus / model config of a study (from its runs' config.json), with sizes in bytes (None
+    when a path is not on this machine, or is a glob)."""
     for r in runs:
-        options = read_config(r["dir"]).get("task_options") or {}
+        cfg = read_config(r["dir"])
+        options = {**(cfg.get("task_options") or {}), **cfg}  # config fields (the trainer's), else task options
         given = {k: options[k] for k in CORPUS_OPTIONS if options.get(k)}
         if given:
-            return {k: {"path": str(v), "bytes": _size(Path(v))} for k, v in given.items()}
+            paths = {k: [str(p) for p in (v if isinstance(v, list) else [v])] for k, v in given.items()}
+            return {k: {"path": " ".join(v), "bytes": _total_size(v)} for k, v in paths.items()}
     return None
 
 
