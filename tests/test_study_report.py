@@ -361,3 +361,16 @@ def test_ladder_runs_at_a_superseded_lr_leave_the_table(tmp_path):
     assert res["table"]["lamb"]["64"]["n"] == 2 and res["table"]["lamb"]["64"]["mean"] == 0.7
     assert sorted(p["lr"] for p in res["sweep"]["lamb"]["points"]) == [1e-3, 2e-3, 4e-3]
     assert res["header"]["by_kind"] == {"ladder": 4, "superseded": 4, "sweep": 1}
+
+
+def test_one_seed_each_is_not_judged():
+    from largebatch.study import verdicts as V2
+
+    cell = lambda m, n, lr: {"mean": m, "spread": 0.0, "n": n, "lr": lr}  # noqa: E731
+    ctl = {"lamb": {"batch": 1024, "lr": 0.02, "provisional": True, "tuned": cell(0.87, 1, 0.02), "sqrt": None},
+           "adamw": {"batch": 1024, "lr": 0.008, "provisional": True, "tuned": cell(0.85, 1, 0.008),
+                     "sqrt": cell(0.80, 1, 0.08)}}
+    lines = V2.tuned_readings(ctl, "accuracy")
+    assert any("adamw at batch 1024: own LR 0.008 gives 0.8500 vs 0.8000" in x and "not judged yet" in x for x in lines)
+    assert any("adamw vs lamb" in x and "not judged yet (one seed each" in x for x in lines)
+    assert not any("does not reach" in x or "bad LR" in x for x in lines)

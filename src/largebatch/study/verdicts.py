@@ -192,6 +192,9 @@ def rule_reading(opt: str, c: dict, metric: str) -> str:
         return f"- **{opt}** at batch {b}: own best LR {c['lr']:.3g} vs √-rule LR {sq['lr']:.3g}; no finite comparison yet{pending}."
     diff, noise = d
     n = f"(n={tu['n']} vs n={sq['n']})"
+    if tu["n"] < 2 and sq["n"] < 2:
+        return (f"- {opt} at batch {b}: own LR {c['lr']:.3g} gives {tu['mean']:.4f} vs {sq['mean']:.4f} at the √-rule "
+                f"LR {sq['lr']:.3g} ({diff:+.4f}); not judged yet (one seed each, no spread){pending}.")
     if beyond(diff, noise):
         return (f"- **{opt}** at batch {b}: **the √ rule gave it a bad LR** — with its own LR {c['lr']:.3g} test "
                 f"{metric} {tu['mean']:.4f} vs {sq['mean']:.4f} at the √-rule LR {sq['lr']:.3g} "
@@ -209,9 +212,11 @@ def tuned_reading(opt: str, c: dict, ref: str, r: dict, metric: str) -> str:
         return f"- **{opt}** vs {ref}, both tuned at batch {b}: pending."
     diff, noise = d
     tu, rt = c["tuned"], r["tuned"]
-    one = " (one seed each: no spread yet)" if tu["n"] < 2 and rt["n"] < 2 else ""
     nums = (f"{tu['mean']:.4f} at LR {c['lr']:.3g} vs {rt['mean']:.4f} at LR {r['lr']:.3g} "
-            f"({diff:+.4f}, {'beyond' if beyond(abs(diff), noise) else 'within'} ±{noise:.4f}){one}{pending}")
+            f"({diff:+.4f}, {'beyond' if beyond(abs(diff), noise) else 'within'} ±{noise:.4f}){pending}")
+    if tu["n"] < 2 and rt["n"] < 2:
+        return (f"- {opt} vs {ref}, both at their own best LR at batch {b}: not judged yet (one seed each, no "
+                f"spread): {nums}.")
     if not beyond(abs(diff), noise):
         return f"- **{opt}** vs {ref}, both at their own best LR at batch {b}: as good within the spread: {nums}."
     if diff < 0:
