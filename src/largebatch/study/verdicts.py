@@ -216,7 +216,8 @@ def tuned_reading(opt: str, c: dict, ref: str, r: dict, metric: str) -> str:
             f"({diff:+.4f}, {'beyond' if beyond(abs(diff), noise) else 'within'} ±{noise:.4f}){pending}")
     if tu["n"] < 2 and rt["n"] < 2:
         return (f"- {opt} vs {ref}, both at their own best LR at batch {b}: not judged yet (one seed each, no "
-                f"spread): {nums}.")
+                f"spread): {tu['mean']:.4f} at LR {c['lr']:.3g} vs {rt['mean']:.4f} at LR {r['lr']:.3g} "
+                f"({diff:+.4f}){pending}.")
     if not beyond(abs(diff), noise):
         return f"- **{opt}** vs {ref}, both at their own best LR at batch {b}: as good within the spread: {nums}."
     if diff < 0:
