@@ -38,3 +38,29 @@ def test_cli_says_it_in_one_line(tmp_path):
                            str(tmp_path / "finetune")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("largebatch study: error: 1 of 1 mlm-scaling runs")
+
+
+def test_tfidf_baseline_learns_separable_token_sets_and_picks_c_on_validation():
+    import torch
+
+    from largebatch.study.baselines import tfidf_logreg
+
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n):
+        labels = torch.arange(n) % 2
+        ids = torch.randint(10, 20, (n, 12), generator=gen) + 10 * labels[:, None]  # class 1 uses ids 20..29
+        ids[:, -3:] = 0  # padding is not a token
+        return ids, labels
+
+    out = tfidf_logreg({"train": split(40), "validation": split(20), "test": split(20)})
+    assert out["test_accuracy"] == 1.0 and out["test_macro_f1"] == 1.0
+    assert out["C"] in (0.1, 1.0, 10.0, 100.0) and set(out["validation_accuracy_by_C"]) == {"0.1", "1.0", "10.0", "100.0"}
+    assert out["features"] > 20  # unigrams and bigrams, no padding id
+
+
+def test_baselines_only_is_for_finetuning_suites(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "largebatch.cli.main", "study", "smoke", "--baselines-only",
+                           "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Invalid --baselines-only for suite 'smoke'" in proc.stderr
+    assert not (tmp_path / "s").exists()

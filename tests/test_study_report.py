@@ -5,7 +5,12 @@ import math
 
 import pytest
 
+from largebatch.study import analysis as A
+from largebatch.study import markdown as M
 from largebatch.study import report as R
+from largebatch.study import runs
+from largebatch.study import stats as S
+from largebatch.study import verdicts as V
 from largebatch.study.suites import Suite
 
 MLM = Suite("synthetic-mlm", "mlm", batches=(16, 64, 256), epochs=1.0, warmup_steps=2, micro_batch_size=256,
@@ -97,7 +102,7 @@ def test_lamb_holds_adamw_degrades_lars_diverges(tmp_path):
     assert "Unigram baseline" in md and "0.1000" in md
     # headers: commands and compute time (Σ batch / samples_per_s = Σ samples / 100 samples/s)
     assert f"largebatch study {MLM.name} --out {tmp_path}" in md and f"largebatch report {tmp_path}" in md
-    total_samples = sum(R.load_metrics(r["dir"])["last_samples"] for r in R._runs(tmp_path))
+    total_samples = sum(runs.load_metrics(r["dir"])["last_samples"] for r in runs.load_runs(tmp_path))
     assert results["header"]["compute_hours"] == pytest.approx(total_samples / 100 / 3600)
     assert results["header"]["versions"]["torch"]
 
@@ -110,47 +115,47 @@ def test_within_spread_is_inconclusive_and_one_seed_is_inconclusive(tmp_path):
     assert claims["adamw"] == "inconclusive"  # drop 0.02 within the spread ±0.03
     assert claims["lamb"] == "inconclusive"   # one seed at each end: no spread to judge against
     assert claims["lars"] == "not measured"
-    table = R.build_table(R._runs(tmp_path), "accuracy", None)
-    assert "within the seed spread" in R.verdicts(table, "accuracy")[0 if list(table)[0] == "adamw" else 1]
+    table = A.build_table(runs.load_runs(tmp_path), "accuracy", None)
+    assert "within the seed spread" in V.verdicts(table, "accuracy")[0 if list(table)[0] == "adamw" else 1]
 
 
 def test_claim_rules_directly():
     def cell(vals, diverged=0):
-        m, s = R._mean_spread(vals)
+        m, s = S.mean_spread(vals)
         return {"mean": m, "spread": s, "n": len(vals), "diverged": diverged, "unigram": None}
 
     table = {"lamb": {16: cell([0.6, 0.62]), 256: cell([0.5, 0.51])},       # drop 0.105 > 0.015: did not hold
              "adamw": {16: cell([0.5, 0.51]), 256: cell([0.6, 0.61])}}      # rose beyond spread: did not hold
-    claims = {c["optimizer"]: c for c in R.claim_summary(table, "image", "accuracy", ladder=(16, 256, 1024))}
+    claims = {c["optimizer"]: c for c in V.claim_summary(table, "image", "accuracy", ladder=(16, 256, 1024))}
     assert claims["lamb"]["status"] == "did not hold" and claims["adamw"]["status"] == "did not hold"
     assert "ladder incomplete" in claims["lamb"]["text"]
     assert "lars" not in claims  # the LARS part is only about the attention model (MLM)
     flat = {"lamb": {16: cell([0.10, 0.11]), 256: cell([0.10, 0.10])}}
-    assert R.claim_summary(flat, "mlm", "accuracy", unigram=0.12)[0]["status"] == "inconclusive"  # at the unigram level
-    assert R.claim_summary(flat, "mlm", "accuracy", unigram=0.05)[0]["status"] == "held"
+    assert V.claim_summary(flat, "mlm", "accuracy", unigram=0.12)[0]["status"] == "inconclusive"  # at the unigram level
+    assert V.claim_summary(flat, "mlm", "accuracy", unigram=0.05)[0]["status"] == "held"
     table["lamb"][256] = cell([float("nan")], diverged=1)
-    assert R.claim_summary(table, "mlm", "accuracy")[0]["status"] == "did not hold"
+    assert V.claim_summary(table, "mlm", "accuracy")[0]["status"] == "did not hold"
 
 
 def test_sweep_notes_near_tie_edge_and_divergence(tmp_path):
     pts = [{"lr": 1e-3, "validation_loss": 2.00, "diverged": False},
            {"lr": 3e-3, "validation_loss": 2.03, "diverged": False},
            {"lr": 1e-2, "validation_loss": None, "diverged": True}]
-    notes = " | ".join(R.sweep_notes(pts, 1e-3))
+    notes = " | ".join(A.sweep_notes(pts, 1e-3))
     assert "near-tie between 0.001 and 0.003" in notes
     assert "grid edge (the lowest LR tried)" in notes
     assert "diverged / non-finite at LR 0.01" in notes
-    clear = R.sweep_notes([{"lr": 1e-3, "validation_loss": 3.0, "diverged": False},
+    clear = A.sweep_notes([{"lr": 1e-3, "validation_loss": 3.0, "diverged": False},
                            {"lr": 3e-3, "validation_loss": 2.0, "diverged": False},
                            {"lr": 1e-2, "validation_loss": 2.5, "diverged": False}], 3e-3)
     assert not any("edge" in n or "near-tie" in n for n in clear) and "clear optimum" in clear[0]
     # from files: the chosen LR's run is relabelled "ladder" by the runner and still belongs to the sweep
     sweep(tmp_path, "adamw", {1e-3: 2.5, 1e-2: None})
     write_run(tmp_path, "adamw-b16-lr0.003-s0", optimizer="adamw", batch=16, lr=3e-3, val_loss=2.0)
-    s = R.sweep_table(R._runs(tmp_path), None, 16)["adamw"]
+    s = A.sweep_table(runs.load_runs(tmp_path), None, 16)["adamw"]
     assert [p["lr"] for p in s["points"]] == [1e-3, 3e-3, 1e-2]
     assert s["chosen"] == 3e-3 and s["provisional"]
-    md = "\n".join(R.md_sweep({"adamw": s}))
+    md = "\n".join(M.md_sweep({"adamw": s}))
     assert "**0.003 → 2.0000**" in md and "0.01 → ✗ diverged" in md and "provisional" in md
 
 
@@ -164,13 +169,13 @@ def test_two_phase_section(tmp_path):
                   steps=6, phases=phases, trust=True, extra={"seq_len": 32, "phases": phases})
         write_run(tmp_path, f"twin-s{seed}", optimizer="lamb", batch=32, kind="two-phase-twin", seed=seed, acc=b,
                   steps=10, trust=True, extra={"seq_len": 32})
-    tp = R.two_phase_table(R._runs(tmp_path))
+    tp = A.two_phase_table(runs.load_runs(tmp_path))
     a, b = tp["two-phase"], tp["two-phase-twin"]
     assert a["n"] == b["n"] == 2 and a["steps"] == 6 and b["steps"] == 10
     assert a["accuracy_mean"] == pytest.approx(0.51) and a["accuracy_spread"] == pytest.approx(0.01)
     assert a["samples"] == 4 * 64 + 2 * 32 and a["tokens"] == 4 * 64 * 16 + 2 * 32 * 32
     assert b["tokens"] == 10 * 32 * 32 and a["phase_starts"] == [(1, 1), (5, 2)]
-    assert "beat its single-phase twin" in R.two_phase_comparison(tp) and "(0.60×)" in R.two_phase_comparison(tp)
+    assert "beat its single-phase twin" in V.two_phase_comparison(tp) and "(0.60×)" in V.two_phase_comparison(tp)
     md = R.build_report(tmp_path, MLM).read_text()
     assert "phase 2: batch 32, sequence length 32, LR 0.014, warmup 1, 0.1 epochs, optimizer state: reset_step" in md
     assert "single-phase twin, single phase: batch 32, sequence length 32" in md
@@ -229,10 +234,18 @@ def test_finetune_report(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["table"]["lamb"]["16"]["mean"] == pytest.approx(0.81)
     assert f"largebatch report {tmp_path}" in md
+    assert "## Baselines" not in md
+    for seed, a in enumerate((0.70, 0.90)):  # a random encoder as good as the pre-trained ones
+        write_run(tmp_path, f"ft-random-encoder-s{seed}", optimizer="adamw", batch=32, kind="finetune-baseline",
+                  acc=a, extra={"baseline": "random encoder", "test_macro_f1": a})
+    md = R.build_report(tmp_path, FT).read_text()
+    assert "| random encoder | 0.8000 ± 0.1000 | 0.8000 ± 0.1000 | 2 |" in md
+    assert "**No pre-trained encoder beats the random encoder beyond the spread**: at this size" in md
+    assert "- 1 pre-trained cell(s) fall below the random encoder beyond the spread: adamw 1024" in md
 
 
 def test_model_order_places_no_decay_tensors_after_their_weights():
-    order = R.model_order(["stem.0.weight", "stages.0.conv1.weight", "stages.0.conv2.weight", "head.weight",
+    order = runs.model_order(["stem.0.weight", "stages.0.conv1.weight", "stages.0.conv2.weight", "head.weight",
                            "stem.1.weight", "stem.1.bias", "stages.0.bn1.weight", "head.bias"])
     assert order[0] == "stem.0.weight" and order[-1] == "head.bias"
     assert order.index("stem.1.weight") < order.index("stages.0.conv1.weight")
@@ -255,7 +268,7 @@ def test_partial_metrics_and_errors(tmp_path, capsys):
                                      + "\n{\"step\": 2, \"sam")
     md = R.build_report(tmp_path, MLM).read_text()
     assert "study still running" in md and "lamb-b64-s0" in md and "not measured yet" in md
-    assert R.load_metrics(d)["compute_s"] == pytest.approx(1.0)
+    assert runs.load_metrics(d)["compute_s"] == pytest.approx(1.0)
 
 
 def test_cli_suite_option_for_a_directory_without_study_json(tmp_path, capsys):
@@ -275,11 +288,89 @@ def test_a_target_met_at_the_first_evaluation_is_only_an_upper_bound(tmp_path):
         write_run(tmp_path, f"lamb-b256-s{seed}", optimizer="lamb", batch=256, seed=seed, steps=8, acc=0.6)
         write_run(tmp_path, f"adamw-b16-s{seed}", optimizer="adamw", batch=16, seed=seed, steps=64, final_val=20.0)
         write_run(tmp_path, f"adamw-b256-s{seed}", optimizer="adamw", batch=256, seed=seed, steps=8, final_val=20.0)
-    table = R.build_table(R._runs(tmp_path), "accuracy", 0.5)
-    st = R.steps_table(table)["lamb"]
+    table = A.build_table(runs.load_runs(tmp_path), "accuracy", 0.5)
+    st = A.steps_table(table)["lamb"]
     assert st[16]["upper_bound"] and st[16]["median_steps"] == 2 and not st[256]["upper_bound"]
     assert st[256]["efficiency"] == pytest.approx(2 * 16 / 256 / 8) and st[256]["efficiency_bound"] == "≤"
-    both = R.steps_table(table)["adamw"][256]  # both ends at a first evaluation: no efficiency at all
+    both = A.steps_table(table)["adamw"][256]  # both ends at a first evaluation: no efficiency at all
     assert both["upper_bound"] and both["efficiency"] is None
-    md = "\n".join(R.md_steps(R.steps_table(table), "accuracy", 0.5))
+    md = "\n".join(M.md_steps(A.steps_table(table), "accuracy", 0.5))
     assert "| lamb | ≤ 2 (2/2, eff 1.00) | 8 (2/2, eff ≤ 0.02) |" in md
+
+
+def test_tuned_control_gives_both_readings(tmp_path):
+    """AdamW: the √ rule's LR was bad (its own LR does better beyond the spread) but even tuned it stays below
+    LAMB beyond the spread; LAMB: the √-rule LR is its best. Long baseline and ablation rows are shown."""
+    study = tmp_path / "synthetic-img"
+    ladder(study, "lamb", {16: [0.90, 0.90], 256: [0.88, 0.89, 0.88]})
+    ladder(study, "adamw", {16: [0.90, 0.90], 256: [0.70, 0.71, 0.70]})
+    for lr, v in ((2e-3, 2.0), (4e-3, 1.5), (8e-3, 1.0)):  # lamb's tuned sweep: the √-rule LR 4e-3 is not best
+        write_run(study, f"lamb-t{lr}", optimizer="lamb", batch=256, lr=lr, kind="tuned-sweep", val_loss=v, acc=0.885)
+    for lr, v in ((1e-3, 2.0), (8e-3, 1.0)):
+        write_run(study, f"adamw-t{lr}", optimizer="adamw", batch=256, lr=lr, kind="tuned-sweep", val_loss=v, acc=0.80)
+    for seed, a in ((1, 0.81), (2, 0.80)):
+        write_run(study, f"adamw-tuned-s{seed}", optimizer="adamw", batch=256, lr=8e-3, seed=seed, kind="tuned", acc=a)
+    write_run(study, "long-lamb", optimizer="lamb", batch=16, lr=1e-3, kind="long-baseline", acc=0.92,
+              extra={"epochs": 2.0})
+    abl = tmp_path / "ablated"
+    ladder(abl, "lamb", {16: [0.89, 0.89], 256: [0.84, 0.85]})
+    suite = Suite("synthetic-img", "image", batches=(16, 256), epochs=1.0, warmup_steps=2, micro_batch_size=256,
+                  lr_grids={"lamb": (1e-3,), "adamw": (1e-3,)}, ablation="ablated", description="synthetic")
+    (study / "study.json").write_text(json.dumps({"suite": "x", "base_lr": {"lamb": 1e-3, "adamw": 1e-3},
+                                                  "tuned_lr": {"batch": 256, "lamb": 8e-3, "adamw": 8e-3}}))
+    text = R.build_report(study, suite).read_text()
+    assert "## Tuned control at the largest batch (256)" in text
+    assert "**adamw** at batch 256: **the √ rule gave it a bad LR**" in text
+    assert "**adamw does not reach lamb's quality with any LR tried**" in text
+    assert "| lamb | 0.004 | 0.8833 ± 0.0050 (3) | 0.008 | 0.8850 ± 0.0000 (1) |" in text
+    assert "| lamb | 16 | 2 | 0.9200 | 0.9000 ± 0.0000 | +0.0200 |" in text
+    assert "| lamb | ablated | 0.8900 ± 0.0000 (2) | 0.8450 ± 0.0050 (2) |" in text
+    assert "Design rules applied by the runner" in text
+    res = no_nan((study / "results.json").read_text())
+    assert res["tuned_control"]["adamw"]["tuned"]["n"] == 3 and res["ablation"]["suite"] == "ablated"
+
+
+def test_the_users_corpus_is_named_with_its_size(tmp_path, capsys):
+    corpus = tmp_path / "my.txt"
+    corpus.write_text("to be or not to be\n" * 10)
+    study = tmp_path / "synthetic-mlm"
+    ladder(study, "lamb", {16: [0.5], 64: [0.5]})
+    for cfg in study.glob("runs/*/config.json"):
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "task_options": {"data": str(corpus)}}))
+    text = R.build_report(study, MLM).read_text()
+    assert f"- data: `{corpus}` (190 bytes)" in text
+    assert f"largebatch study synthetic-mlm --out {study} --data {corpus}" in text
+    from largebatch.cli.main import main
+
+    assert main(["study", "image-scaling", "--data", str(corpus), "--out", str(tmp_path / "img")]) == 2
+    assert "Invalid --data for suite 'image-scaling' (allowed: a suite of the mlm task: mlm-scaling | smoke)" \
+        in capsys.readouterr().err
+
+
+def test_ladder_runs_at_a_superseded_lr_leave_the_table(tmp_path):
+    """A study resumed under a rule that changed the base LR (e.g. the near-tie refinement): the old ladder runs
+    stay on disk but leave the table; the old chosen run stays a sweep point."""
+    study = tmp_path / "synthetic-mlm"
+    ladder(study, "lamb", {16: [0.5, 0.5], 64: [0.5, 0.5]}, lr0=1e-3)          # the old choice
+    for b, seed in ((16, 0), (16, 1), (64, 0), (64, 1)):
+        write_run(study, f"new-{b}-{seed}", optimizer="lamb", batch=b, lr=2e-3 * math.sqrt(b / 16), seed=seed, acc=0.7)
+    sweep(study, "lamb", {4e-3: 2.5})
+    (study / "study.json").write_text(json.dumps({"suite": "x", "base_lr": {"lamb": 2e-3}}))
+    R.build_report(study, MLM)
+    res = json.loads((study / "results.json").read_text())
+    assert res["table"]["lamb"]["64"]["n"] == 2 and res["table"]["lamb"]["64"]["mean"] == 0.7
+    assert sorted(p["lr"] for p in res["sweep"]["lamb"]["points"]) == [1e-3, 2e-3, 4e-3]
+    assert res["header"]["by_kind"] == {"ladder": 4, "superseded": 4, "sweep": 1}
+
+
+def test_one_seed_each_is_not_judged():
+    from largebatch.study import verdicts as V2
+
+    cell = lambda m, n, lr: {"mean": m, "spread": 0.0, "n": n, "lr": lr}  # noqa: E731
+    ctl = {"lamb": {"batch": 1024, "lr": 0.02, "provisional": True, "tuned": cell(0.87, 1, 0.02), "sqrt": None},
+           "adamw": {"batch": 1024, "lr": 0.008, "provisional": True, "tuned": cell(0.85, 1, 0.008),
+                     "sqrt": cell(0.80, 1, 0.08)}}
+    lines = V2.tuned_readings(ctl, "accuracy")
+    assert any("adamw at batch 1024: own LR 0.008 gives 0.8500 vs 0.8000" in x and "not judged yet" in x for x in lines)
+    assert any("adamw vs lamb" in x and "not judged yet (one seed each" in x for x in lines)
+    assert not any("does not reach" in x or "bad LR" in x for x in lines)

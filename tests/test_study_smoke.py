@@ -20,7 +20,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path):
     assert set(results["table"]) == {"lamb", "adamw"}
     for opt, row in results["table"].items():
         assert set(row) == {"16", "64"}
-        assert row["64"]["n"] == 2  # more seeds at the largest batch
+        assert row["64"]["n"] >= 2  # more seeds at the largest batch (a third where two overlap)
     for png in ("metric_vs_batch.png", "loss_curves.png", "lr_sweep.png", "steps_to_target.png"):
         assert (out / png).stat().st_size > 5_000
     # the √ rule: the larger batch's LR is the base LR × √4
@@ -37,3 +37,30 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path):
     rebuilt = subprocess.run([sys.executable, "-m", "largebatch.cli.main", "report", str(out)],
                              capture_output=True, text=True, timeout=300)
     assert rebuilt.returncode == 0 and "Study `smoke`" in rebuilt.stdout
+
+
+def test_a_suite_on_the_users_own_corpus(tmp_path):
+    """`largebatch study mlm-scaling --data ... --eval-data ...`: the files reach every run as the trainer's data
+    fields (config.json) and the report names them with their sizes."""
+    import random
+
+    from largebatch.study.report import build_report
+    from largebatch.study.runner import SuiteRunner
+    from largebatch.study.suites import Suite
+
+    rng = random.Random(0)
+    words = "king queen crown sword love night day heart blood death life war peace sea land fire".split()
+    for name, lines in (("train.txt", 600), ("held.txt", 100)):
+        (tmp_path / name).write_text("".join(" ".join(rng.choice(words) for _ in range(16)) + ".\n"
+                                             for _ in range(lines)))
+    data, held = [str(tmp_path / "train.txt")], [str(tmp_path / "held.txt")]
+    suite = Suite("own", "mlm", batches=(16,), epochs=1.0, warmup_steps=1, micro_batch_size=16,
+                  lr_grids={"lamb": (3e-3,)}, seeds=1, seeds_largest=1, extend_grid=0, refine_factor=0.0,
+                  task_options=dict(vocab_size=128, seq_len=16, hidden=16, layers=1, heads=2, intermediate=32,
+                                    data=data, eval_data=held, max_eval_sequences=32))
+    SuiteRunner(suite, tmp_path / "own", threads=1, progress=False).run()
+    config = json.loads((tmp_path / "own" / "runs" / "lamb-b16-lr0.003-s0" / "config.json").read_text())
+    assert config["data"] == data and config["eval_data"] == held and "data" not in config["task_options"]
+    report = build_report(tmp_path / "own", suite).read_text()
+    size = (tmp_path / "train.txt").stat().st_size
+    assert f"- data: `{data[0]}` ({size:,} bytes)" in report and f"--data {data[0]} --eval-data {held[0]}" in report

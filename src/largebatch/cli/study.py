@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,21 +14,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="study directory (default studies/<suite>); rerun to resume")
     p.add_argument("--threads", type=int)
     p.add_argument("--verbose", action="store_true", help="show each run's own output and progress bar")
+    for flag, nargs, what in (("--data", "+", "training text (files, folders, globs) instead of the suite's corpus"),
+                              ("--eval-data", "+", "held-out text for validation and test"),
+                              ("--model-config", None, "a transformers config JSON instead of the suite's model")):
+        p.add_argument(flag, nargs=nargs, help=f"mlm suites: {what}; a task option of every run, named in the report "
+                                               "(docs/own-data.md)")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="finetune: only the baselines (a randomly initialised encoder fine-tuned with the same "
+                        "recipe, TF-IDF + logistic regression); needs no pre-trained checkpoints")
 
 
 def run(args: argparse.Namespace) -> int:
     from largebatch.study.report import build_report
     from largebatch.study.runner import FinetuneRunner, SuiteRunner
-    from largebatch.study.suites import get_suite
+    from largebatch.study.suites import SUITES, get_suite
     from largebatch.tasks import DataMissingError
     from largebatch.train.allocator import keep_freed_memory
 
     suite = get_suite(args.suite)
+    given = {k: v for k in ("data", "eval_data", "model_config") if (v := getattr(args, k, None))}
+    if given and suite.task != "mlm":
+        print(f"largebatch study: error: Invalid --{next(iter(given)).replace('_', '-')} for suite {suite.name!r} "
+              f"(allowed: a suite of the mlm task: {' | '.join(n for n, s in SUITES.items() if s.task == 'mlm')})",
+              file=sys.stderr)
+        return 2
+    if given:  # the user's corpus / model: a task option of every run (config.json records it)
+        suite = dataclasses.replace(suite, task_options={**suite.task_options, **given})
     out = args.out or Path("studies") / suite.name
     runner_cls = FinetuneRunner if suite.source else SuiteRunner
+    if args.baselines_only and not suite.source:
+        print(f"largebatch study: error: Invalid --baselines-only for suite {suite.name!r} (allowed: a fine-tuning "
+              f"suite: {' | '.join(n for n, s in SUITES.items() if s.source)})", file=sys.stderr)
+        return 2
     keep_freed_memory()
     try:
-        runner_cls(suite, out, threads=args.threads, verbose=args.verbose).run()
+        extra = {"baselines_only": True} if args.baselines_only else {}
+        runner_cls(suite, out, threads=args.threads, verbose=args.verbose, **extra).run()
     except (DataMissingError, FileNotFoundError) as exc:
         print(f"largebatch study: error: {exc}", file=sys.stderr)
         return 2

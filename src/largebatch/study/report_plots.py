@@ -6,7 +6,11 @@ import math
 import statistics
 from pathlib import Path
 
-from .report import LAMB_LIKE, _finite, _unigram, binned_curve, load_metrics, load_trust, model_order
+from .analysis import unigram_baseline
+from .runs import binned_curve, load_metrics, load_trust, model_order
+from .stats import finite
+
+LAMB_LIKE = ("lamb", "paper", "nvlamb")  # drawn first in the trust-ratio plots
 
 DPI = 110
 
@@ -60,7 +64,7 @@ def metric_vs_batch(out: Path, table: dict, metric: str, bn_table: dict | None =
             bb = sorted(bn_table[opt])
             ax.errorbar(bb, [bn_table[opt][x]["mean"] for x in bb], yerr=[bn_table[opt][x]["spread"] for x in bb],
                         marker="s", ls="--", capsize=3, color=line[0].get_color(), alpha=0.6, label=f"{opt} (precise BN)")
-    uni = _unigram(table)
+    uni = unigram_baseline(table)
     if uni:
         ax.axhline(uni, ls=":", color="grey", label="unigram baseline")
     ax.set(xscale="log", xlabel="effective batch (log)", ylabel=f"test {metric}",
@@ -100,7 +104,7 @@ def validation_curves(out: Path, runs: list[dict], table: dict, metric: str) -> 
     key = f"validation_{metric}"
 
     def series(m):
-        ev = [e for e in m["evals"] if _finite(e.get(key))]
+        ev = [e for e in m["evals"] if finite(e.get(key))]
         return [e["samples"] for e in ev], [e[key] for e in ev]
 
     return _curves(out, runs, list(table), "validation_curves.png", f"validation {metric}", series)
@@ -168,7 +172,7 @@ def _trust_summary(run_dir: str) -> list[tuple]:
     steps, series = load_trust(run_dir)
     out = []
     for i, st in enumerate(steps):
-        vals = [v[i] for v in series.values() if _finite(v[i])]
+        vals = [v[i] for v in series.values() if finite(v[i])]
         if vals:
             out.append((st, sum(vals) / len(vals), min(vals), max(vals)))
     return out
@@ -185,10 +189,10 @@ def trust_ratios(out: Path, runs: list[dict]) -> str | None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(chosen), figsize=(5.5 * len(chosen), 4), squeeze=False)
     for ax, (opt, r, tr) in zip(axes[0], chosen):
-        tr = [t for t in tr if _finite(t[1]) and t[1] > 0]
+        tr = [t for t in tr if finite(t[1]) and t[1] > 0]
         st = [t[0] for t in tr]
         ax.plot(st, [t[1] for t in tr], label="mean over tensors", lw=1)
-        if all(_finite(t[2]) and _finite(t[3]) for t in tr):
+        if all(finite(t[2]) and finite(t[3]) for t in tr):
             ax.fill_between(st, [max(t[2], 1e-12) for t in tr], [t[3] for t in tr], alpha=0.2, label="min..max")
         ax.set(yscale="log", xlabel="step", ylabel="trust ratio", title=f"{opt} trust ratios, batch {r['batch_size']}")
         ax.legend(fontsize=8)
@@ -203,10 +207,10 @@ def _notable(order: list[str], series: dict[str, list[float]]) -> list[str]:
     weights = [n for n in order if n.endswith("weight") and not any(t in n.lower() for t in ("norm", "bn", "ln."))]
     if weights and weights[-1] not in picks:
         picks.append(weights[-1])
-    med = {n: statistics.median([v for v in series[n] if _finite(v) and v > 0] or [math.nan]) for n in order}
-    finite = [n for n in order if _finite(med[n])]
-    if finite:
-        for n in (min(finite, key=med.get), max(finite, key=med.get)):
+    med = {n: statistics.median([v for v in series[n] if finite(v) and v > 0] or [math.nan]) for n in order}
+    shown = [n for n in order if finite(med[n])]
+    if shown:
+        for n in (min(shown, key=med.get), max(shown, key=med.get)):
             if n not in picks:
                 picks.append(n)
     return picks
@@ -240,7 +244,7 @@ def trust_layers(out: Path, runs: list[dict]) -> str | None:
             notable = _notable(order, series)
             n = max(len(order) - 1, 1)
             for k, name in enumerate(order):
-                ys = [v if _finite(v) and v > 0 else float("nan") for v in series[name]]
+                ys = [v if finite(v) and v > 0 else float("nan") for v in series[name]]
                 hi = name in notable
                 ax.plot(steps, ys, color=cmap(k / n), lw=1.8 if hi else 0.8, alpha=1.0 if hi else 0.6,
                         label=name if hi else None, ls="--" if hi and k in (0, len(order) - 1) else "-")
@@ -265,7 +269,7 @@ def two_phase(out: Path, runs: list[dict], tp: dict | None, metric: str = "accur
     for kind, c in tp.items():
         for r in (r for r in runs if r.get("run") in c["runs"]):
             m = load_metrics(r["dir"])
-            ev = [e for e in m["evals"] if _finite(e.get(key))]
+            ev = [e for e in m["evals"] if finite(e.get(key))]
             ax.plot([e["step"] for e in ev], [e[key] for e in ev], styles[kind], marker="o", ms=3,
                     label=f"{names[kind]} s{r.get('seed', 0)}")
         for step, phase in c["phase_starts"][1:]:

@@ -12,11 +12,25 @@ from pathlib import Path
 from typing import Any
 
 from .. import schedules
-from .suites import Suite
+from . import rules
+from .analysis import RANDOM_ENCODER
+from .stats import same_lr
+from .suites import Suite, get_suite
 
 
 def run_name(optimizer: str, batch: int, lr: float, seed: int) -> str:
     return f"{optimizer}-b{batch}-lr{lr:.3g}-s{seed}"
+
+
+def middle_out(n: int) -> list[int]:
+    """Indices 0..n-1 from the middle outwards: 3 -> [1, 0, 2], 4 -> [2, 1, 3, 0]."""
+    mid = n // 2
+    out = [mid]
+    for k in range(1, n):
+        for j in (mid - k, mid + k):
+            if 0 <= j < n:
+                out.append(j)
+    return out
 
 
 class SuiteRunner:
@@ -72,6 +86,7 @@ class SuiteRunner:
                 epochs: float | None = None) -> dict:
         """Train one configuration (or read its finished summary)."""
         from ..train.checkpoint import list_checkpoints
+        from ..train.config import DATA_FIELDS
         from ..train.loop import TrainConfig, train
 
         s = self.suite
@@ -86,8 +101,10 @@ class SuiteRunner:
             epochs = s.epochs if epochs is None else epochs
             total = schedules.steps_for_epochs(epochs, task.train_size, batch)
             cfg = TrainConfig(
-                task=s.task, task_options={k: v for k, v in task_options.items() if k != "seed"},
-                optimizer=optimizer, optimizer_options=dict(s.optimizer_options.get(optimizer, {})),
+                task=s.task, task_options={k: v for k, v in task_options.items() if k != "seed" and k not in DATA_FIELDS},
+                **{k: v for k, v in task_options.items() if k in DATA_FIELDS},  # the user's data: config fields
+                optimizer=s.optimizer_names.get(optimizer, optimizer),
+                optimizer_options=dict(s.optimizer_options.get(optimizer, {})),
                 batch_size=batch, micro_batch_size=min(batch, s.micro_batch_size), lr=lr,
                 warmup_steps=min(s.warmup_steps, total), epochs=epochs, seed=seed, phases=phases,
                 eval_every=max(1, math.ceil(total / s.eval_points)), checkpoint_every=max(1, math.ceil(total / 4)),
@@ -106,7 +123,10 @@ class SuiteRunner:
             sink = contextlib.nullcontext() if self.verbose else contextlib.redirect_stdout(io.StringIO())
             with sink:
                 summary = train(cfg, resume=resume, task=task)
-        summary.update(tags or {})
+        if not done_before or (tags or {}).get("kind") == "ladder" or "kind" not in summary:
+            # a finished run read back by another stage keeps its kind; the ladder claims the runs it shares
+            # (the chosen sweep run, the √-rule run of the tuned grid)
+            summary.update(tags or {})
         summary.update({"optimizer": optimizer, "batch_size": batch, "lr": lr, "seed": seed, "run": run_dir.name})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.bar is not None:
@@ -120,95 +140,232 @@ class SuiteRunner:
         return summary
 
     # ------------------------------------------------------------------ the protocol
-    def sweep(self, optimizer: str) -> tuple[float, list[dict]]:
-        """Base LR at the smallest batch, by validation loss; extend the grid while the best is at an edge."""
+    def _grow(self, n: int) -> None:
+        """The plan grew by ``n`` runs (a grid extension, a refinement, a third seed)."""
+        if self.bar is not None and n:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def sweep(self, optimizer: str, batch: int | None = None, grid: tuple[float, ...] | None = None,
+              kind: str = "sweep") -> tuple[float, list[dict]]:
+        """The best LR at ``batch`` (default: the smallest) by validation loss, seed 0: the grid, extended while
+        the best is at an edge, then refined once around the best when the two best are a near-tie."""
         s = self.suite
-        grid = sorted(s.lr_grids[optimizer])
+        batch = s.batches[0] if batch is None else batch
+        pending = sorted(s.lr_grids[optimizer] if grid is None else grid)
         results: dict[float, dict] = {}
-        for extension in range(s.extend_grid + 1):
-            for lr in grid:
+
+        def run(lrs):
+            for lr in lrs:
                 if lr not in results:
-                    results[lr] = self.run_one(optimizer, s.batches[0], lr, 0, tags={"kind": "sweep"})
+                    results[lr] = self.run_one(optimizer, batch, lr, 0, tags={"kind": kind})
+            return {lr: rules.sweep_score(r) for lr, r in results.items()}
 
-            def score(r):
-                v = r.get("validation_loss")
-                return v if v is not None and math.isfinite(v) and not r.get("diverged") else math.inf
+        scores = run(pending)
+        for _ in range(s.extend_grid):
+            new = rules.extension(scores)
+            if new is None:
+                break  # inside the grid (with no extension left the report calls the choice provisional)
+            self._grow(1)
+            scores = run([new])
+        finer = rules.refinement(scores, s.near_tie, s.refine_factor) if s.refine_factor else []
+        self._grow(len(finer))
+        scores = run(finer)
+        return rules.best_lr(scores), list(results.values())
 
-            best = min(results, key=lambda lr: score(results[lr]))
-            ordered = sorted(results)
-            if len(ordered) < 2 or (best != ordered[0] and best != ordered[-1]) or extension == s.extend_grid:
-                break  # inside the grid, or no extension left (the report then calls the choice provisional)
-            step = ordered[1] / ordered[0] if len(ordered) > 1 else 3.0
-            new = best / step if best == ordered[0] else best * step
-            grid = [new]
-            if self.bar is not None:
-                self.bar.total += 1
-                self.bar.refresh()
-        return best, list(results.values())
+    def prime(self, batch: int, grids: dict[str, tuple[float, ...]], kind: str) -> None:
+        """Train the initial grids of all optimizers interleaved, middle LR first, so that a partial study
+        already compares every optimizer; the sweeps then read these runs back (and count them again)."""
+        for i in middle_out(max(len(g) for g in grids.values())):
+            for optimizer, grid in grids.items():
+                if i < len(grid):
+                    self.run_one(optimizer, batch, sorted(grid)[i], 0, tags={"kind": kind})
+
+    def tuned_grid(self, optimizer: str) -> tuple[float, ...]:
+        """The tuned control's initial grid at the largest batch: the sweep grid moved by the scaling rule, so
+        the √-rule LR of an in-grid choice is one of its points."""
+        s = self.suite
+        return tuple(schedules.scale_lr(lr, s.batches[0], s.batches[-1], s.scaling) for lr in s.lr_grids[optimizer])
+
+    def seeds_at(self, batch: int) -> int:
+        return self.suite.seeds_largest if batch == self.suite.batches[-1] else self.suite.seeds
 
     def plan_size(self) -> int:
+        """Runs planned before any result is known; extensions, refinements and third seeds add to it."""
         s = self.suite
-        sweep = sum(len(g) for g in s.lr_grids.values())
-        ladder = sum((s.seeds_largest if b == s.batches[-1] else s.seeds) for b in s.batches) * len(s.lr_grids)
+        n_opt = len(s.lr_grids)
+        sweep = 2 * sum(len(g) for g in s.lr_grids.values())  # primed, then read back by the sweep
+        ladder = sum(self.seeds_at(b) for b in s.batches) * n_opt
+        tuned = (sweep + s.seeds_largest * n_opt) if s.tuned_control and len(s.batches) > 1 else 0
+        long = n_opt if s.long_baseline else 0
         two_phase = 2 * s.two_phase["seeds"] if s.two_phase else 0
-        # the smallest batch's seed-0 ladder run is the chosen sweep run: read back, and counted again
-        return sweep + ladder + two_phase
+        # a run shared by two stages (the chosen sweep run, the √-rule run inside the tuned grid) is read back
+        # and counted again
+        return sweep + ladder + tuned + long + two_phase
+
+    def ladder(self, optimizer: str, base_lr: float, batches: tuple[int, ...]) -> None:
+        s = self.suite
+        for batch in batches:
+            lr = schedules.scale_lr(base_lr, s.batches[0], batch, s.scaling)
+            for seed in range(self.seeds_at(batch)):
+                self.run_one(optimizer, batch, lr, seed, tags={"kind": "ladder"})
+
+    def tuned_seeds(self, optimizer: str, lr: float, seeds: int) -> list[dict]:
+        b1 = self.suite.batches[-1]
+        return [self.run_one(optimizer, b1, lr, seed, tags={"kind": "tuned"}) for seed in range(seeds)]
+
+    def more_seeds(self, chosen: dict[str, float], tuned: dict[str, float]) -> None:
+        """A third seed (up to ``seeds_max``) where two seeds' spread overlaps a difference the report judges."""
+        s = self.suite
+        cells: dict[tuple[str, int], list] = {}
+        lrs: dict[tuple[str, int], float] = {}
+        for opt, base in chosen.items():
+            for b in s.batches:
+                lrs[(opt, b)] = schedules.scale_lr(base, s.batches[0], b, s.scaling)
+            if opt in tuned:
+                lrs[(f"{opt}:tuned", s.batches[-1])] = tuned[opt]
+        for (label, b), lr in lrs.items():
+            opt = label.split(":")[0]
+            n = self.seeds_at(b) if ":" not in label else s.seeds_largest
+            cells[(label, b)] = [self._finished(opt, b, lr, seed).get(f"test_{s.metric}") for seed in range(n)]
+        pairs = rules.judged_pairs(list(chosen), s.batches)
+        pairs += [((o, s.batches[-1]), (f"{o}:tuned", s.batches[-1])) for o in tuned
+                  if not same_lr(tuned[o], lrs[(o, s.batches[-1])])]
+        todo = sorted(rules.cells_needing_seeds(cells, pairs, s.seeds_max))
+        self._grow(sum(s.seeds_max - len(cells[c]) for c in todo))
+        for label, b in todo:
+            opt = label.split(":")[0]
+            kind = "tuned" if ":" in label else "ladder"
+            for seed in range(len(cells[(label, b)]), s.seeds_max):
+                self.run_one(opt, b, lrs[(label, b)], seed, tags={"kind": kind})
+
+    def _finished(self, optimizer: str, batch: int, lr: float, seed: int) -> dict:
+        f = self.runs_dir / run_name(optimizer, batch, lr, seed) / "summary.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    def long_baseline(self, optimizer: str, base_lr: float) -> dict:
+        """The smallest batch trained ``long_baseline``× the epochs: how far the ladder is from converged."""
+        s = self.suite
+        epochs = s.epochs * s.long_baseline
+        return self.run_one(optimizer, s.batches[0], base_lr, 0, epochs=epochs,
+                            name=f"long-{run_name(optimizer, s.batches[0], base_lr, 0)}-e{epochs:g}",
+                            tags={"kind": "long-baseline", "epochs": epochs})
 
     def run(self) -> dict:
+        """Most decisive first: the tuned control at the largest batch (sweep, then seeds), the base-LR sweep at
+        the smallest batch, the largest batch with the √ rule, then the rest of the ladder, third seeds, the
+        long baseline and the two-phase run."""
         s = self.suite
         self.out.mkdir(parents=True, exist_ok=True)
         if self.progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=self.plan_size(), desc=f"study {s.name}", unit="run", dynamic_ncols=True)
-        chosen = {}
-        for optimizer in s.lr_grids:
-            best, _ = self.sweep(optimizer)
-            chosen[optimizer] = best
-            for batch in s.batches:
-                lr = schedules.scale_lr(best, s.batches[0], batch, s.scaling)
-                for seed in range(s.seeds_largest if batch == s.batches[-1] else s.seeds):
-                    self.run_one(optimizer, batch, lr, seed, tags={"kind": "ladder"})
+        control = s.tuned_control and len(s.batches) > 1
+        if control:
+            self.prime(s.batches[-1], {o: self.tuned_grid(o) for o in s.lr_grids}, "tuned-sweep")
+        tuned = {o: self.sweep(o, s.batches[-1], self.tuned_grid(o), kind="tuned-sweep")[0]
+                 for o in s.lr_grids} if control else {}
+        self._save(tuned=tuned)
+        for o, lr in tuned.items():  # cheap (the largest batch): each optimizer's best at that batch, seeded
+            self.tuned_seeds(o, lr, s.seeds_largest)
+        self.prime(s.batches[0], s.lr_grids, "sweep")
+        chosen = {o: self.sweep(o)[0] for o in s.lr_grids}
+        self._save(chosen, tuned)
+        for o, base in chosen.items():
+            self.ladder(o, base, s.batches[-1:])
+        for o, base in chosen.items():
+            self.ladder(o, base, s.batches[:-1])
+        self.more_seeds(chosen, tuned)
+        if s.long_baseline:
+            for o, base in chosen.items():
+                self.long_baseline(o, base)
         if s.two_phase:
             self.two_phase(chosen[s.two_phase["optimizer"]])
         if self.bar is not None:
             self.bar.close()
-        state = {"suite": s.name, "base_lr": chosen}
+        return self._save(chosen, tuned, done=True)
+
+    def _save(self, chosen: dict | None = None, tuned: dict | None = None, done: bool = False) -> dict:
+        """study.json: the chosen base LRs (absent until the sweep is over), the tuned control's LRs."""
+        state: dict[str, Any] = {"suite": self.suite.name}
+        if chosen is not None:
+            state["base_lr"] = chosen
+        if tuned:
+            state["tuned_lr"] = {"batch": self.suite.batches[-1], **tuned}
+        if not done:
+            state["running"] = True
         (self.out / "study.json").write_text(json.dumps(state, indent=2))
         return state
 
 
 class FinetuneRunner(SuiteRunner):
-    """Fine-tune every ladder run of the source suite (``<out>/../<source>``) with one fixed recipe."""
+    """Fine-tune every ladder run of the source suite (``<out>/../<source>``) with one fixed recipe, and the
+    baselines that calibrate it (study/baselines.py): a randomly initialised encoder with the same recipe and a
+    TF-IDF + logistic-regression classifier. ``baselines_only``: the baselines alone (no pre-trained runs needed)."""
 
-    def run(self) -> dict:
+    def __init__(self, *args, baselines_only: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.baselines_only = baselines_only
+
+    def sources(self) -> list[Path]:
+        """The source suite's finished ladder runs; checked before any work: a study copied without its
+        checkpoints (they are not committed) fails here with the fix."""
+        from ..train.checkpoint import list_checkpoints
+
         s = self.suite
         source = self.out.parent / s.source / "runs"
         sources = sorted(p for p in source.glob("*") if (p / "summary.json").exists()
                          and json.loads((p / "summary.json").read_text()).get("kind") == "ladder")
         if not sources:
             raise FileNotFoundError(f"no finished {s.source} runs under {source}: run `largebatch study {s.source}` first")
-        from ..train.checkpoint import list_checkpoints
-
-        # checked before any work: a study copied without its checkpoints (they are not committed) fails here
         missing = [p.name for p in sources if not list_checkpoints(p)]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(sources)} {s.source} runs have no checkpoint (ckpt-*.pt) to fine-tune from: "
                 f"{', '.join(missing)}. Retrain them on this machine: move those folders out of {source} and rerun "
-                f"`largebatch study {s.source} --out {self.out.parent / s.source}` (it trains only the runs it lacks)")
+                f"`largebatch study {s.source} --out {self.out.parent / s.source}` (it trains only the runs it lacks), "
+                f"or run only the baselines with --baselines-only")
+        return sources
+
+    def finetune(self, checkpoint: Path, name: str, tags: dict) -> dict:
+        optimizer, (lr,) = next(iter(self.suite.lr_grids.items()))
+        self._tasks.clear()  # the encoder differs per source run
+        return self.run_one(optimizer, self.suite.batches[0], lr, 0, extra_task_options={"checkpoint": str(checkpoint)},
+                            name=name, tags=tags)
+
+    def baselines(self) -> None:
+        """The random-initialisation encoders (one per seed) fine-tuned with the recipe, then TF-IDF."""
+        from .baselines import random_encoder, tfidf_logreg
+
+        s = self.suite
+        pre = get_suite(s.source)
+        encoders = []
+        for seed in range(s.baseline_seeds):
+            enc = random_encoder(pre.task, pre.task_options, seed, self.runs_dir / f"random-encoder-s{seed}")
+            encoders.append(enc)
+            self.finetune(enc, f"ft-random-encoder-s{seed}", {"kind": "finetune-baseline", "baseline": RANDOM_ENCODER,
+                                                              "pretrain_seed": seed})
+        done = self.runs_dir / "tfidf-logreg" / "summary.json"
+        if encoders and not done.exists():  # the last fine-tuned task: the same splits and tokens as every run
+            task = self._task({**s.task_options, "checkpoint": str(encoders[-1]), "seed": 0})
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({"kind": "finetune-baseline", "baseline": "TF-IDF + logistic regression",
+                                        "run": "tfidf-logreg", **tfidf_logreg(task.data)}, indent=2))
+
+    def run(self) -> dict:
+        s = self.suite
+        sources = [] if self.baselines_only else self.sources()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.progress:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=len(sources), desc=f"study {s.name}", unit="run", dynamic_ncols=True)
-        optimizer, (lr,) = next(iter(s.lr_grids.items()))
+            self.bar = tqdm(total=len(sources) + s.baseline_seeds, desc=f"study {s.name}", unit="run",
+                            dynamic_ncols=True)
+        self.baselines()
         for src in sources:
             meta = json.loads((src / "summary.json").read_text())
-            self._tasks.clear()  # the encoder differs per source run
-            self.run_one(optimizer, s.batches[0], lr, 0, extra_task_options={"checkpoint": str(src)},
-                         name=f"ft-{src.name}",
-                         tags={"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
-                               "pretrain_batch": meta["batch_size"], "pretrain_seed": meta["seed"],
-                               "pretrain_test_accuracy": meta.get("test_accuracy")})
+            self.finetune(src, f"ft-{src.name}", {"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
+                                                  "pretrain_batch": meta["batch_size"], "pretrain_seed": meta["seed"],
+                                                  "pretrain_test_accuracy": meta.get("test_accuracy")})
         if self.bar is not None:
             self.bar.close()
-        return {"suite": s.name, "runs": len(sources)}
+        return {"suite": s.name, "runs": len(sources), "baselines": s.baseline_seeds}

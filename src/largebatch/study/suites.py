@@ -1,10 +1,11 @@
-"""Built-in study suites, as data.
+"""Built-in study suites, as data (the design and its rules: docs/study.md, study/rules.py).
 
-Protocol (the paper's untuned rule, SPEC §4–5): each optimizer's base LR is swept at the SMALLEST batch
-only, chosen on the validation split (never the test split), the grid extended until the best value is
-inside it; every larger batch uses √ LR scaling, the same warmup steps and the same epoch budget (so
-proportionally fewer steps). STUDY-NOTES: the largest batch must still get ≥ ~300 optimizer steps, so the
-ladder starts small and the epoch budget is chosen with it.
+Protocol: each optimizer's base LR is swept at the smallest batch, chosen on the validation split (never the
+test split), the grid extended while the best value is at an edge and refined once at a near-tie; every
+larger batch uses the paper's untuned rule (√ LR scaling, the same warmup steps, the same epoch budget, so
+proportionally fewer steps); a tuned control sweeps each optimizer's own LR at the largest batch. A pilot
+showed that the largest batch must still get ≥ ~300 optimizer steps, so the ladder starts small and the
+epoch budget is chosen with it.
 """
 from __future__ import annotations
 
@@ -28,10 +29,23 @@ class Suite:
     metric: str = "accuracy"                 # higher is better; test_<metric> is reported
     target: float | None = None              # validation metric for "steps to target"
     extend_grid: int = 2                     # max grid extensions when the best LR is at an edge
+    # near-tie refinement (study/rules.py): when the two best LRs of a sweep are within ``near_tie``
+    # (relative validation loss), one more LR on each side of the best, ``refine_factor`` away (0: off)
+    near_tie: float = 0.02
+    refine_factor: float = 3 ** 0.5
+    # tuned control: each optimizer's own LR sweep at the largest batch (the same rules, the grid moved there
+    # by the scaling rule), reported beside the untuned √-rule result
+    tuned_control: bool = True
+    seeds_max: int = 3                       # a cell gets seeds up to this when two seeds' spread overlaps
+    long_baseline: float | None = None       # the smallest batch also trained this many times the epochs
+    baseline_seeds: int = 0                  # finetune: randomly initialised encoders fine-tuned as a baseline
+    # optimizer label -> factory name (a preset), when the label is not itself the recipe
+    optimizer_names: dict[str, str] = field(default_factory=dict)
+    ablation: str | None = None              # a sibling suite with the same ladder, shown as an ablation row
     scaling: str = "sqrt"
     eval_points: int = 8                     # evaluations per run (for curves and steps-to-target)
     source: str | None = None                # finetune: the pre-training suite whose checkpoints are used
-    # a two-phase ("mixed batch") run beside its single-phase twin, SPEC §4: ``optimizer``, ``seeds``,
+    # a two-phase ("mixed batch") run beside its single-phase twin: ``optimizer``, ``seeds``,
     # ``seq_len`` (the long length: the twin's, the last phase's and the evaluation's), ``twin_batch`` and
     # ``phases`` (dicts of seq_len, batch_size, epochs, warmup_steps, optional optimizer_state). Every LR
     # comes from the optimizer's swept base LR by the suite's scaling rule; the twin trains for the sum of
@@ -39,6 +53,9 @@ class Suite:
     two_phase: dict[str, Any] | None = None
     description: str = ""
 
+
+IMAGE_GRIDS = {"lamb": (1e-3, 3e-3, 1e-2), "lars": (3e-3, 1e-2, 3e-2), "adamw": (3e-4, 1e-3, 3e-3),
+               "sgd": (1e-2, 3e-2, 1e-1)}
 
 SUITES: dict[str, Suite] = {s.name: s for s in [
     # measured on 2 cores (MALLOC tuned): 1,600 seq/s at batch 16, 2,800 at 1024 -> ~3 min a run, ~36 runs
@@ -55,21 +72,39 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
               dict(seq_len=64, batch_size=512, epochs=1.0, warmup_steps=10, optimizer_state="reset_step")]),
           description="BERT MLM on Shakespeare (held out by play), batch 16 → 1024 (64×), LAMB vs AdamW vs LARS"),
     # 55,000 training images: 6 epochs = 323 steps at batch 1024. Measured on 2 cores: width 8 trains at
-    # ~3,000-3,900 img/s (width 16: ~1,900) -> ~2 min a run, ~48 runs
+    # ~3,000-3,900 img/s (width 16: ~1,900) -> ~2 min a run.
+    # The exclusions of the LARS/LAMB ResNet recipes (You et al. 2017; Goyal et al. 2017; the LAMB authors'
+    # ResNet-50 code; MLPerf's LARS), docs/results/image-scaling/README.md: LAMB is the authors' ResNet
+    # preset (no decay and no trust ratio for BatchNorm); LARS keeps BatchNorm and biases out of the trust ratio
+    # and the decay (the lars_2017 groups with the ICLR 2020 update rule: mode, momentum, decay and trust
+    # coefficient set back to the Lars defaults); AdamW and SGD keep them out of the decay (the factory's
+    # default groups), SGD with the usual ResNet decay 5e-4.
     Suite("image-scaling", "image", batches=(16, 64, 256, 1024), epochs=6.0, warmup_steps=50,
-          micro_batch_size=1024,
-          lr_grids={"lamb": (1e-3, 3e-3, 1e-2), "lars": (3e-3, 1e-2, 3e-2), "adamw": (3e-4, 1e-3, 3e-3),
-                    "sgd": (1e-2, 3e-2, 1e-1)},
-          task_options=dict(width=8, blocks=1), target=0.85, eval_points=12,
-          description="small ResNet on Fashion-MNIST, batch 16 → 1024 (64×), LAMB vs LARS vs AdamW vs SGD+momentum"),
+          micro_batch_size=1024, lr_grids=IMAGE_GRIDS,
+          optimizer_names={"lamb": "authors_resnet", "lars": "lars_2017"},
+          optimizer_options={"lars": {"mode": "paper", "momentum": 0.9, "weight_decay": 0.01,
+                                      "trust_coefficient": 0.001},
+                             "sgd": {"weight_decay": 5e-4}},
+          task_options=dict(width=8, blocks=1), target=0.85, eval_points=12, long_baseline=2.0,
+          ablation="image-scaling-no-exclusions",
+          description="small ResNet on Fashion-MNIST, batch 16 → 1024 (64×), LAMB vs LARS vs AdamW vs SGD+momentum, "
+                      "BatchNorm and biases excluded as in the LARS/LAMB ResNet recipes"),
+    # the first image-scaling design, kept as the ablation row: LAMB's `paper` preset and LARS with a trust
+    # ratio on every tensor (BatchNorm included), SGD without weight decay; the original protocol (no tuned
+    # control, no refinement, no third seeds)
+    Suite("image-scaling-no-exclusions", "image", batches=(16, 64, 256, 1024), epochs=6.0, warmup_steps=50,
+          micro_batch_size=1024, lr_grids=IMAGE_GRIDS, task_options=dict(width=8, blocks=1), target=0.85,
+          eval_points=12, refine_factor=0.0, tuned_control=False, seeds_max=0,
+          description="image-scaling without the recipes' exclusions (LAMB `paper`, LARS ratio on every tensor, "
+                      "SGD without decay): the ablation row"),
     Suite("finetune", "classify", batches=(32,), epochs=3.0, warmup_steps=10, micro_batch_size=32,
-          lr_grids={"adamw": (1e-3,)}, seeds=1, seeds_largest=1, source="mlm-scaling",
+          lr_grids={"adamw": (1e-3,)}, seeds=1, seeds_largest=1, source="mlm-scaling", baseline_seeds=3,
           description="fine-tune every mlm-scaling checkpoint on BBC News: a downstream score per pre-training batch"),
     Suite("smoke", "mlm", batches=(16, 64), epochs=1.0, warmup_steps=2, micro_batch_size=64,
           lr_grids={"lamb": (3e-3, 1e-2), "adamw": (1e-3, 3e-3)},
           task_options=dict(vocab_size=512, seq_len=32, hidden=32, layers=1, heads=2, intermediate=64,
                             limit_train_sequences=256, max_eval_sequences=64),
-          seeds=1, seeds_largest=2, target=0.05, extend_grid=1, eval_points=3,
+          seeds=1, seeds_largest=2, target=0.05, extend_grid=1, eval_points=3, long_baseline=2.0,
           # (limit_train_sequences caps sequences, not tokens: here phase 1 sees half the tokens of the twin)
           two_phase=dict(optimizer="lamb", seeds=1, seq_len=32, twin_batch=32, phases=[
               dict(seq_len=16, batch_size=64, epochs=0.9, warmup_steps=2),
