@@ -115,14 +115,14 @@ def test_a_stopped_rank_ends_the_job_after_dist_timeout(tmp_path):
     import time
 
     base = dict(task="classify", optimizer="lamb", batch_size=24, micro_batch_size=6, lr=1e-2, warmup_steps=1,
-                steps=6, progress=False, plot=False, threads=1, checkpoint_every=1, dist_timeout=3,
+                steps=6, progress=False, plot=False, threads=1, checkpoint_every=1, dist_timeout=10,
                 out=str(tmp_path / "run"), task_options=dict(checkpoint=None, seq_len=32, dropout=0.0, limit_train=48))
     env = {**os.environ, "LARGEBATCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     start = time.monotonic()
     proc = _torchrun(2, ["-c", STOP_DRIVER, json.dumps(base), "2"], env)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
-    assert "rank 0 of 2: no answer from the other process(es) within dist_timeout=3 s: a rank is stuck or dead" \
+    assert "rank 0 of 2: no answer from the other process(es) within dist_timeout=10 s: a rank is stuck or dead" \
         in proc.stderr, proc.stderr[-3000:]
-    assert elapsed < 3 + 30 + 90, elapsed  # the timeout, torchrun's grace period, start-up on a busy machine
+    assert elapsed < 10 + 30 + 120, elapsed  # the timeout, torchrun's grace period, start-up on a busy machine
     assert load_checkpoint(tmp_path / "run")["step"] >= 1  # what was checkpointed is intact

@@ -42,11 +42,14 @@ DRIVER = textwrap.dedent("""
             if seen[0] == n:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    # checkpoint-bytes:n: the n-th checkpoint file gets two writes and half of the third, then the kill
+    # (small JSON files are written in one call, so only checkpoints reach a third write)
     class Recording(C._RecordingFile):
-        def write(self, data):  # half of this chunk reaches the file, then the kill
-            if point == "checkpoint-bytes" and len(data) > 1 and seen[0] + 1 == n:
+        def write(self, data):
+            self.writes = getattr(self, "writes", 0) + 1
+            if self.writes == 3 and point == "checkpoint-bytes" and seen[0] + 1 == n:
                 self.f.write(data[: len(data) // 2]); self.f.flush()
-            reached("checkpoint-bytes" if len(data) > 1 else "")
+            reached("checkpoint-bytes" if self.writes == 3 else "")
             return super().write(data)
 
     C._RecordingFile = Recording
@@ -97,13 +100,12 @@ def _train(config, out, cache, *, resume=False, fault=None, kill_after_s=None):
     return proc.returncode, stdout, stderr
 
 
-def _resume_until_done(config, out, cache, limit=6):
-    for _ in range(limit):
-        rc, stdout, stderr = _train(config, out, cache, resume=bool(list_checkpoints(out)))
-        if rc == 0:
-            return stdout
-        assert rc == -signal.SIGKILL or "already holds a run" not in stderr, stderr[-2000:]
-    raise AssertionError(f"no clean finish after {limit} resumes: {stderr[-2000:]}")
+def _resume_until_done(config, out, cache):
+    """Continue a killed run: --resume when it left a checkpoint, else the same command again (the files of
+    a run killed before its first checkpoint are moved aside)."""
+    rc, stdout, stderr = _train(config, out, cache, resume=bool(list_checkpoints(out)))
+    assert rc == 0, stderr[-3000:]
+    return stdout + stderr
 
 
 def _metrics(run):
@@ -144,8 +146,9 @@ def straight(tmp_path_factory):
     return config, out, base / "cache"
 
 
-@pytest.mark.parametrize("fault", ["checkpoint-bytes:2", "before-rename-ckpt:1", "after-rename-ckpt:3", "before-prune:2",
-                                   "before-rename-summary.json:1"])
+@pytest.mark.parametrize("fault", ["checkpoint-bytes:2", "after-rename-ckpt:3", "before-rename-summary.json:1",
+                                   pytest.param("before-rename-ckpt:1", marks=pytest.mark.slow),
+                                   pytest.param("before-prune:2", marks=pytest.mark.slow)])
 def test_kill_inside_a_checkpoint_write_then_resume(tmp_path, straight, fault):
     config, reference, cache = straight
     out = tmp_path / "run"
@@ -197,17 +200,19 @@ def test_a_fresh_run_in_a_used_folder_is_refused(straight):
 
 @pytest.mark.slow
 def test_random_kills_then_resume_bit_identical(tmp_path, straight):
-    """20 chains, each killed from outside at random moments (and resumes killed too) until it finishes."""
+    """20 chains (LARGEBATCH_FAULT_CHAINS), each killed from outside at random moments (resumes killed too)
+    until it finishes. The kills fall in the last 60% of a straight run's time: the first 40% is mostly
+    start-up (imports, data), where a kill tests little."""
     config, reference, cache = straight
     rng = random.Random(int(os.environ.get("LARGEBATCH_FAULT_SEED", "16")))
     start = time.monotonic()
     _train(config, tmp_path / "timing", cache)
     full_s = time.monotonic() - start
-    for chain in range(20):
+    for chain in range(int(os.environ.get("LARGEBATCH_FAULT_CHAINS", "20"))):
         out = tmp_path / f"chain-{chain}"
         for attempt in range(4):
             resume = bool(list_checkpoints(out))
-            rc, _, stderr = _train(config, out, cache, resume=resume, kill_after_s=rng.uniform(0.2, 1.0) * full_s)
+            rc, _, stderr = _train(config, out, cache, resume=resume, kill_after_s=rng.uniform(0.4, 1.0) * full_s)
             if rc == 0:
                 break
             assert rc == -signal.SIGKILL, stderr[-2000:]

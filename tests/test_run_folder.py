@@ -24,17 +24,34 @@ def test_a_fresh_run_gets_a_new_id_and_claims_the_folder(tmp_path):
     assert json.loads((out / RUN_FILE).read_text()) == {"run_id": run_id}
 
 
-@pytest.mark.parametrize("existing", ["run.json", "config.json", "metrics.jsonl", "summary.json", "ckpt"])
+@pytest.mark.parametrize("existing", ["summary.json", "ckpt"])
 def test_a_fresh_run_refuses_a_folder_holding_a_run(tmp_path, existing):
     if existing == "ckpt":
         _ckpt(tmp_path, 3, "a" * 32)
     else:
         (tmp_path / existing).write_text(json.dumps({"run_id": "a" * 32}) + "\n")
-    expected = (rf"continue it with --resume {tmp_path}, or choose another --out" if existing == "ckpt" else
-                rf"without a checkpoint to resume from: choose another --out, or delete {tmp_path} to start over")
-    with pytest.raises(RunFolderError, match=rf"--out {tmp_path} already holds a run.*" + expected):
+    with pytest.raises(RunFolderError, match=rf"--out {tmp_path} already holds a run.*continue it with --resume "
+                                             rf"{tmp_path}, or choose another --out"):
         run_id_for(tmp_path, None)
     assert list(tmp_path.iterdir())  # nothing deleted
+
+
+@pytest.mark.parametrize("with_id", [True, False])
+def test_a_run_that_left_no_checkpoint_is_moved_aside(tmp_path, with_id):
+    """Killed before its first checkpoint: nothing to resume, so a fresh run may start, keeping those files."""
+    files = {"config.json": "{}", "metrics.jsonl": '{"step": 1}\n', **({RUN_FILE: '{"run_id": "' + "e" * 32 + '"}'}
+                                                                       if with_id else {})}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "notes.txt").write_text("mine")
+    run_id = run_id_for(tmp_path, None)
+    note = claim(tmp_path, run_id)
+    aside = next(tmp_path.glob("aborted-*"))
+    assert note == f"note: {tmp_path} held a run that left no checkpoint; its files were moved to {aside}"
+    assert not with_id or aside.name == "aborted-" + "e" * 32
+    assert {p.name: p.read_text() for p in aside.iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([aside.name, "notes.txt", RUN_FILE])
+    assert claim(tmp_path, run_id) is None  # its own files are never moved
 
 
 def test_an_empty_or_new_folder_is_fine(tmp_path):
@@ -80,7 +97,7 @@ def test_out_naming_a_file_is_refused(tmp_path):
 
 def test_claim_removes_stale_temps(tmp_path):
     (tmp_path / ".ckpt-k1ll3d.tmp").write_bytes(b"\0" * 100)
-    assert [p.name for p in claim(tmp_path, "d" * 32)] == [".ckpt-k1ll3d.tmp"]
+    assert claim(tmp_path, "d" * 32) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_FILE]
 
 

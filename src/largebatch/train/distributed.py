@@ -7,9 +7,11 @@ by the world size, because DDP averages gradients: the update equals the single-
 whole global batch. Gradients are synchronised once per effective batch (``no_sync`` on the other
 micro-steps). FSDP2 sharding is handled inside the optimizers (whole-tensor norms): see docs/distributed.md.
 
-Every collective waits at most ``timeout_s`` (``dist_timeout``, default 10 minutes instead of torch's 30):
-a rank that is stuck (stopped, deadlocked) or dead makes the others fail with ``CollectiveTimeout``, one line
-naming the rank and the limit, and torchrun then ends the job.
+Every collective of training waits at most ``timeout_s`` (``dist_timeout``, default 10 minutes instead of
+torch's 30): a rank that is stuck (stopped, deadlocked) or dead makes the others fail with
+``CollectiveTimeout``, one line naming the rank and the limit, and torchrun then ends the job. The waits
+while rank 0 alone works (building caches before training, writing the results after it) use a separate
+gloo group with at least torch's 30 minutes, so a short ``dist_timeout`` does not cut them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +32,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    solo_group: Any = None  # the group of the waits while rank 0 alone works (see the module docstring)
 
     @property
     def enabled(self) -> bool:
@@ -41,6 +45,8 @@ class DistContext:
 
 #: seconds a collective may wait for the other ranks (torch's own default is 30 minutes)
 DEFAULT_TIMEOUT_S = 600.0
+#: the least the other ranks wait while rank 0 alone builds caches or writes results (torch's default)
+SOLO_TIMEOUT_S = 1800.0
 
 
 class CollectiveTimeout(RuntimeError):
@@ -62,7 +68,8 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    ctx = DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    solo = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, SOLO_TIMEOUT_S)))
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), solo)
     if torch.cuda.is_available():
         torch.cuda.set_device(ctx.local_rank)
     return ctx
@@ -172,15 +179,18 @@ def timeouts_reported(ctx: DistContext, timeout_s: float):
 
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=ctx.solo_group)  # rank 0 may still be writing the results
         dist.destroy_process_group()
 
 
 @contextlib.contextmanager
 def main_first(ctx: DistContext):
-    """Let rank 0 build caches (tokenizer) before the others read them."""
+    """Let rank 0 build caches (tokenizer) before the others read them; all leave together (on the solo group:
+    building may take longer than dist_timeout)."""
     if ctx.enabled and not ctx.is_main:
-        dist.barrier()
+        dist.barrier(group=ctx.solo_group)
     yield
     if ctx.enabled and ctx.is_main:
-        dist.barrier()
+        dist.barrier(group=ctx.solo_group)
+    if ctx.enabled:  # the others' builds (from the caches) done too: the training collectives start together
+        dist.barrier(group=ctx.solo_group)

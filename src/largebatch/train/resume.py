@@ -71,8 +71,9 @@ def environment(ctx: D.DistContext) -> dict[str, int]:
 def take_folder(out: Path, run_id: str, ckpt: dict[str, Any] | None, ctx: D.DistContext) -> None:
     """Main process, before writing anything: own the folder (run.json), remove the temp files of killed
     writes, warn in one line when the resume will be correct but not bit-identical."""
-    claim(out, run_id)
-    for note in resume_notes(ckpt.get("environment"), environment(ctx)) if ckpt is not None else []:
+    moved = claim(out, run_id)
+    notes = resume_notes(ckpt.get("environment"), environment(ctx)) if ckpt is not None else []
+    for note in ([moved] if moved else []) + notes:
         print(note, file=sys.stderr, flush=True)
 
 

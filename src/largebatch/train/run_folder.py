@@ -1,9 +1,11 @@
 """A run folder (``--out``) belongs to one run.
 
 A fresh run draws a run id (uuid4 hex) and writes it to ``run.json`` in its folder; the id also goes into
-every checkpoint, ``config.json`` and ``summary.json``. A fresh run refuses a folder that already holds a run
-(any of ``RUN_FILES`` or a checkpoint); ``--resume`` continues one, after checking that the checkpoint belongs
-to the folder's run. So retention, which prunes only this run's checkpoints, and resume never mix two runs.
+every checkpoint and ``summary.json``. A fresh run refuses a folder holding a run that can be resumed or has
+finished (a checkpoint or ``summary.json``); the files of a run that left neither (killed before its first
+checkpoint) are moved aside into ``aborted-<its id>/``, so nothing is lost and rerunning the command works.
+``--resume`` continues a run, after checking that the checkpoint belongs to the folder's run. So retention,
+which prunes only this run's checkpoints, and resume never mix two runs.
 
 On start and resume the temp files of writes interrupted by a kill are removed; on resume ``metrics.jsonl``
 is trimmed to the checkpoint's step (atomically), dropping a torn last line left by a kill with a note.
@@ -64,13 +66,10 @@ def run_id_for(out: Any, resume_from: dict[str, Any] | None) -> str:
     run_dir = check_out(out)
     existing = folder_run_id(run_dir) if run_dir.is_dir() else None
     if resume_from is None:
-        if run_dir.is_dir() and holds_a_run(run_dir):
+        if run_dir.is_dir() and (list_checkpoints(run_dir) or (run_dir / "summary.json").exists()):
             held = f" (run {existing})" if existing else ""
-            if list_checkpoints(run_dir):
-                raise RunFolderError(f"--out {run_dir} already holds a run{held}: continue it with --resume "
-                                     f"{run_dir}, or choose another --out")
-            raise RunFolderError(f"--out {run_dir} already holds a run{held} without a checkpoint to resume from: "
-                                 f"choose another --out, or delete {run_dir} to start over")
+            raise RunFolderError(f"--out {run_dir} already holds a run{held}: continue it with --resume {run_dir}, "
+                                 "or choose another --out")
         return new_run_id()
     resumed = resume_from.get("run_id")
     if existing and resumed and existing != resumed:
@@ -79,15 +78,32 @@ def run_id_for(out: Any, resume_from: dict[str, Any] | None) -> str:
     return resumed or existing or new_run_id()  # checkpoints written before run ids had none
 
 
-def claim(out: Any, run_id: str) -> list[Path]:
-    """Make ``out`` the folder of run ``run_id`` (run.json) and remove stale temp files; returns those
-    removed. Only one process (rank 0) calls it."""
+def move_aside(run_dir: Path) -> Path | None:
+    """Move the files of another run that left no checkpoint into ``aborted-<its id>/``; returns that folder."""
+    found = [run_dir / name for name in (*RUN_FILES, "tensorboard") if (run_dir / name).exists()]
+    if not found:
+        return None
+    aside = run_dir / f"aborted-{folder_run_id(run_dir) or new_run_id()}"
+    aside.mkdir(exist_ok=True)
+    for path in found:
+        os.replace(path, aside / path.name)
+    return aside
+
+
+def claim(out: Any, run_id: str) -> str | None:
+    """Make ``out`` the folder of run ``run_id`` (run.json): remove stale temp files, move aside the files of
+    another run that left no checkpoint; returns a one-line note when it moved some. Only one process (rank 0)
+    calls it, after ``run_id_for`` accepted the folder."""
     run_dir = check_out(out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stale = remove_stale_temps(run_dir)
-    if folder_run_id(run_dir) != run_id or not (run_dir / RUN_FILE).exists():
+    remove_stale_temps(run_dir)
+    note = None
+    if holds_a_run(run_dir) and not list_checkpoints(run_dir) and folder_run_id(run_dir) != run_id:
+        aside = move_aside(run_dir)
+        note = f"note: {run_dir} held a run that left no checkpoint; its files were moved to {aside}"
+    if folder_run_id(run_dir) != run_id:
         write_atomically(run_dir / RUN_FILE, json.dumps({"run_id": run_id}) + "\n")
-    return stale
+    return note
 
 
 def finished_summary(run_dir: Path) -> dict[str, Any] | None:
