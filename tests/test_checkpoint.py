@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from largebatch.train.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+from largebatch.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                                          set_rng_state)
 
 TINY = dict(task="mlm", optimizer="lamb", batch_size=48, micro_batch_size=20, lr=5e-3, warmup_steps=2, steps=6,
@@ -280,7 +280,7 @@ def test_retention_prunes_only_this_runs_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("keep", [-1, 0, "two", 1.5, True, None])
 def test_keep_checkpoints_is_validated_before_writing(tmp_path, keep):
-    from largebatch.train.checkpoint import check_keep
+    from largebatch.checkpoint import check_keep
 
     with pytest.raises(ValueError, match=r"Invalid keep_checkpoints: .* \(allowed: an integer >= 1"):
         check_keep(keep)
@@ -331,7 +331,7 @@ def test_disk_full_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fill):
 
 
 def test_stale_temp_files_are_removed(tmp_path):
-    from largebatch.train.checkpoint import remove_stale_temps
+    from largebatch.checkpoint import remove_stale_temps
 
     save_checkpoint(_state(1), tmp_path, 1)
     stale = [tmp_path / ".ckpt-abc123.tmp", tmp_path / ".metrics.jsonl.x1.tmp", tmp_path / ".run.json.y.tmp"]
@@ -343,7 +343,7 @@ def test_stale_temp_files_are_removed(tmp_path):
 
 
 def test_write_atomically_replaces_whole_files(tmp_path):
-    from largebatch.train.checkpoint import write_atomically
+    from largebatch.checkpoint import write_atomically
 
     path = tmp_path / "summary.json"
     path.write_text("old")

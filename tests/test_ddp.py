@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from largebatch.train.checkpoint import load_checkpoint
+from largebatch.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.distributed
 

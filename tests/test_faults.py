@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from largebatch.train.checkpoint import list_checkpoints, load_checkpoint
+from largebatch.checkpoint import list_checkpoints, load_checkpoint
 
 TINY = dict(task="mlm", optimizer="lamb", batch_size=48, micro_batch_size=20, lr=5e-3, warmup_steps=2, steps=8,
             eval_every=3, checkpoint_every=2, keep_checkpoints=2, progress=False, plot=False, threads=1,
@@ -32,7 +32,7 @@ TINY = dict(task="mlm", optimizer="lamb", batch_size=48, micro_batch_size=20, lr
 #: cleanup) at the n-th time the program reaches <point>
 DRIVER = textwrap.dedent("""
     import os, signal, sys
-    from largebatch.train import checkpoint as C
+    from largebatch import checkpoint as C
     point, n = sys.argv[1].split(":")
     n, seen = int(n), [0]
 

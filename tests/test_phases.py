@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from largebatch import schedules
-from largebatch.train.checkpoint import load_checkpoint
+from largebatch.checkpoint import load_checkpoint
 from largebatch.train.loop import TrainConfig, train
 
 TASK = dict(vocab_size=512, seq_len=32, hidden=32, layers=1, heads=2, intermediate=64, dropout=0.0,

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from largebatch.train.checkpoint import load_checkpoint
+from largebatch.checkpoint import load_checkpoint
 from largebatch.train.loop import TrainConfig, train
 
 TINY = dict(task="mlm", optimizer="lamb", batch_size=64, micro_batch_size=32, lr=3e-2, warmup_steps=2, steps=12,

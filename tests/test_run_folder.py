@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from largebatch.train.checkpoint import rng_state, save_checkpoint
+from largebatch.checkpoint import rng_state, save_checkpoint
 from largebatch.train.run_folder import (RUN_FILE, RunFolderError, check_out, claim, finished_summary, read_jsonl,
                                          resume_notes, run_id_for, trim_jsonl)
 

@@ -169,7 +169,7 @@ def _train_config(tmp_path, name, **kw):
 
 
 def _final_state(run_dir):
-    from largebatch.train.checkpoint import load_checkpoint
+    from largebatch.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run_dir)
     return ckpt["model"], ckpt["optimizer"]["state"]

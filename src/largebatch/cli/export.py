@@ -32,7 +32,7 @@ def task_of(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def export_run(run: str | Path, directory: str | Path) -> Path:
     from largebatch.tasks import build_task
-    from largebatch.train.checkpoint import load_checkpoint
+    from largebatch.checkpoint import load_checkpoint
 
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from largebatch.tasks import DataMissingError
-    from largebatch.train.checkpoint import CheckpointError
+    from largebatch.checkpoint import CheckpointError
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         return error(str(exc))
     from largebatch.tasks import DataMissingError
     from largebatch.train.allocator import keep_freed_memory
-    from largebatch.train.checkpoint import CheckpointError
+    from largebatch.checkpoint import CheckpointError
     from largebatch.train.distributed import CollectiveTimeout
     from largebatch.train.loop import train
 

@@ -19,7 +19,7 @@ TFIDF_C_GRID = (0.1, 1.0, 10.0, 100.0)
 def random_encoder(task_name: str, task_options: dict, seed: int, out: str | Path) -> Path:
     """Write the untrained model of ``task_name`` (initialised from ``seed``) as a step-0 checkpoint in ``out``."""
     from ..tasks import build_task
-    from ..train.checkpoint import list_checkpoints, save_checkpoint
+    from ..checkpoint import list_checkpoints, save_checkpoint
 
     out = Path(out)
     if not list_checkpoints(out):

@@ -85,7 +85,7 @@ class SuiteRunner:
                 name: str | None = None, tags: dict | None = None, phases: list[dict] | None = None,
                 epochs: float | None = None) -> dict:
         """Train one configuration (or read its finished summary)."""
-        from ..train.checkpoint import list_checkpoints
+        from ..checkpoint import list_checkpoints
         from ..train.config import DATA_FIELDS
         from ..train.loop import TrainConfig, train
 
@@ -310,7 +310,7 @@ class FinetuneRunner(SuiteRunner):
     def sources(self) -> list[Path]:
         """The source suite's finished ladder runs; checked before any work: a study copied without its
         checkpoints (they are not committed) fails here with the fix."""
-        from ..train.checkpoint import list_checkpoints
+        from ..checkpoint import list_checkpoints
 
         s = self.suite
         source = self.out.parent / s.source / "runs"

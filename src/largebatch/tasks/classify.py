@@ -143,7 +143,7 @@ class ClassifyTask(Task):
         """The built-in BERT: encoder and vocabulary from an ``mlm`` checkpoint, or from scratch."""
         from transformers import BertConfig, BertForSequenceClassification
 
-        from ..train.checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
         from .mlm import MLMConfig, MLMTask
 
         mlm_options: dict = {}

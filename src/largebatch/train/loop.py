@@ -30,11 +30,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..optim import create_optimizer
+from ..optim import create_optimizer, optimizer_info
 from ..tasks import Task, build_task
 from . import distributed as D
 from . import resume as R
-from .checkpoint import write_atomically
+from ..checkpoint import write_atomically
 from .config import TrainConfig
 from .data import step_micro_batches
 from .evaluation import evaluate, is_due
@@ -105,9 +105,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
                 record.update(trust_summary(optimizer))
             t_last = t_now
             if is_due(cfg.eval_every, step + 1, is_last):
-                record.update(evaluate(task, model, cfg.eval_split))
-                if stepper.noise is not None:
-                    record.update(stepper.noise.summary())
+                record.update(evaluation_record(cfg, task, stepper))
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             log.write(record, optimizer, is_last=is_last)
             if is_due(cfg.checkpoint_every, step + 1, is_last):
@@ -122,10 +120,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     log.close()
     if plan.multi_phase:
         task.set_train_seq_len(None)
-    summary = summarize(cfg, plan, record, start_step, stepper.skipped, ctx.world_size)
-    summary.update(evaluate(task, model, "test"))
+    summary = {**summarize(cfg, plan, record, start_step, stepper.skipped, ctx.world_size),
+               **evaluate(task, model, "test"), "run_id": run_id}
     summary.update(compare_with_baseline(task, summary))
-    summary["run_id"] = run_id
     # sharded parameters are gathered on every rank (a collective) before the main process exports them
     exported = D.full_state(model, optimizer)[0] if ctx.enabled and cfg.strategy == "fsdp" else model
     if ctx.is_main:
@@ -141,12 +138,23 @@ def build_stepper(cfg: TrainConfig, task: Task, plan: RunPlan, ctx: D.DistContex
     train_model = D.wrap_model(model, ctx, cfg.strategy)
     # after wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
     # stepping in backward: the optimizer checks each gradient before its tensor's step (nonfinite='raise')
-    in_backward = {"nonfinite": "raise"} if cfg.step_in_backward else {}
+    # Lamb/Lars apply the run's non-finite policy themselves (see Stepper.update); stepping in backward, they
+    # check each gradient before its tensor's step (nonfinite='raise')
+    own = {"nonfinite": "raise" if cfg.step_in_backward else cfg.nonfinite} \
+        if optimizer_info(cfg.optimizer).master_weights else {}
     optimizer = create_optimizer(cfg.optimizer, model, lr=plan.lr(0), **{
-        **optimizer_overrides(cfg.precision, cfg.optimizer), **in_backward, **cfg.optimizer_options})
+        **optimizer_overrides(cfg.precision, cfg.optimizer), **own, **cfg.optimizer_options})
     noise = NoiseScaleTracker(model, ema=cfg.noise_scale_ema, distributed=ctx.enabled) if cfg.noise_scale else None
     return Stepper(model, train_model, optimizer, ctx, precision=cfg.precision, nonfinite=cfg.nonfinite,
                    step_in_backward=cfg.step_in_backward, noise=noise)
+
+
+def evaluation_record(cfg: TrainConfig, task: Task, stepper: Stepper) -> dict[str, Any]:
+    """The held-out metrics of ``cfg.eval_split`` and, when measured, the gradient noise scale since the last."""
+    record = evaluate(task, stepper.model, cfg.eval_split)
+    if stepper.noise is not None:
+        record.update(stepper.noise.summary())
+    return record
 
 
 def enter_phase(task: Task, optimizer, plan: RunPlan, step: int, *, first: bool) -> None:

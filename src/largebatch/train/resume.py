@@ -1,7 +1,7 @@
 """Checkpointing for the trainer: build a checkpoint's payload, restore one, refuse a mismatched resume.
 
 The file format (atomic writes, keeping the last few of this run, verification, the RNG state) is
-``largebatch.train.checkpoint``, the run folder's ownership (run id, stale temp files, metrics trim)
+``largebatch.checkpoint``, the run folder's ownership (run id, stale temp files, metrics trim)
 ``largebatch.train.run_folder``; this module decides what goes in a payload. The step alone determines what
 comes next (data order, masks and LR are functions of it); the data position and LR are stored to make the
 file self-describing, the thread count and world size to warn when a resume cannot be bit-identical.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import distributed as D
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .run_folder import claim, finished_summary, folder_run_id, resume_notes
 from .config import TrainConfig
 from .data import data_position

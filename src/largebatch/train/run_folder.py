@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_run_id, list_checkpoints, remove_stale_temps, write_atomically
+from ..checkpoint import checkpoint_run_id, list_checkpoints, remove_stale_temps, write_atomically
 
 RUN_FILE = "run.json"
 #: files that make a folder a run's folder (beside ckpt-*.pt)

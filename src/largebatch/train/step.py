@@ -66,14 +66,11 @@ class Stepper:
             return StepResult(loss, int(total), True)
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # true gradients before the trust ratio
-        finite = not D.any_true(not grads_finite(self.model), ctx)
-        if announce is not None:  # before the optimizer step: .grad holds the full-batch gradient
+        finite = self.update(step)
+        if announce is not None:  # .grad still holds the full-batch gradient (zeroed below)
             self.noise.update(batch_size) if finite else self.noise.discard()
         if finite:
-            (scaler.step(self.optimizer) if scaler is not None else self.optimizer.step())
             self.consecutive_skips = 0
-        elif self.nonfinite == "raise":
-            raise FloatingPointError(f"non-finite gradients at step {step + 1} (policy nonfinite='raise')")
         else:
             self.skipped += 1  # the optimizer's step counters do not advance
             self.consecutive_skips += 1
@@ -81,6 +78,29 @@ class Stepper:
             scaler.update()  # lowers the scale after an overflow, raises it after a quiet stretch
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, int(total), finite)
+
+    def update(self, step: int) -> bool:
+        """Step the optimizer unless a gradient is non-finite (``nonfinite='skip'``; ``'raise'`` raises);
+        True when it stepped.
+
+        Lamb and Lars apply the run's policy themselves (the loop builds them with it): their check is one
+        reduction over the gradients before anything is written (free with ``max_grad_norm``), agrees across
+        processes (DDP's gradients are reduced, FSDP2's flag is summed in the optimizer) and needs no second
+        pass here. torch's optimizers and fp16's GradScaler get the loop's check.
+        """
+        optimizer, scaler = self.optimizer, self.scaler
+        if scaler is None and hasattr(optimizer, "last_step_skipped"):
+            try:
+                optimizer.step()
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"non-finite gradients at step {step + 1}: {exc}") from None
+            return not optimizer.last_step_skipped
+        finite = not D.any_true(not grads_finite(self.model), self.ctx)
+        if finite:
+            (scaler.step(optimizer) if scaler is not None else optimizer.step())
+        elif self.nonfinite == "raise":
+            raise FloatingPointError(f"non-finite gradients at step {step + 1} (policy nonfinite='raise')")
+        return finite
 
     def noise_announcer(self, micro_batches: list[dict], counts: list[int], total: float):
         """The micro-batch callback of the noise scale; None when it is off or this step has one batch size
