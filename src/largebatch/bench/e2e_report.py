@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .report import header, table_head
+
 
 def _fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
@@ -25,18 +27,14 @@ def _row(r: dict, adamw_peak: float | None) -> str:
 
 def markdown(summary: dict) -> str:
     env = summary["environment"]
-    lines = ["# End-to-end training step benchmark\n",
-             (f"{env['date']} · torch {env['torch']} · transformers {env['transformers']} · {env['threads']} threads · "
-              f"{env['cpu']} · load average before/after {env['load_before']} / {env['load_after']} · "
-              f"{env['steps']} timed steps after {env['warmup']} warm-up, round-robin in a shuffled order · "
-              "peak memory: peak RSS of one step in a fresh process, minus its RSS before the model was built\n"),
-             f"Command: `{env['command']}`\n"]
+    lines = header("End-to-end training step benchmark", env, f" · transformers {env['transformers']}",
+                   " · peak memory: peak RSS of one step in a fresh process, minus its RSS before the model was built")
     for s in summary["sets"]:
-        lines.append(f"\n## {s['workload']}, {s['precision']}, batch {s['batch_size']} "
-                     f"({s['params_millions']:.1f} M parameters)\n")
-        lines.append("| variant | step median ms | IQR ms | min ms | samples/s | forward ms | backward ms | "
-                     "optimizer ms | optimizer % | × fused AdamW | × fused AdamW (min) | peak MiB | peak − AdamW's MiB |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines += table_head(f"{s['workload']}, {s['precision']}, batch {s['batch_size']} "
+                            f"({s['params_millions']:.1f} M parameters)",
+                            ["variant", "step median ms", "IQR ms", "min ms", "samples/s", "forward ms", "backward ms",
+                             "optimizer ms", "optimizer %", "× fused AdamW", "× fused AdamW (min)", "peak MiB",
+                             "peak − AdamW's MiB"])
         adamw_peak = s["rows"][0]["peak_mib"]
         lines += [_row(r, adamw_peak) for r in s["rows"]]
         errors = [f"{r['variant']}: {r['memory']['error']}" for r in s["rows"] if (r["memory"] or {}).get("error")]

@@ -11,20 +11,29 @@ def _fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
 
+def header(title: str, env: dict, machine: str, method: str) -> list[str]:
+    """A benchmark report's title, its environment line (``machine`` and ``method`` add to it) and command."""
+    return [f"# {title}\n",
+            (f"{env['date']} · torch {env['torch']} · {env['threads']} threads · {env['cpu']}{machine} · load "
+             f"average before/after {env['load_before']} / {env['load_after']} · {env['steps']} timed steps after "
+             f"{env['warmup']} warm-up, round-robin in a shuffled order{method}\n"),
+            f"Command: `{env['command']}`\n"]
+
+
+def table_head(title: str, columns: list[str]) -> list[str]:
+    """A section title and a markdown table's header, the first column left-aligned and the rest right."""
+    return [f"\n## {title}\n", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+
+
 def markdown(summary: dict) -> str:
     env = summary["environment"]
-    lines = ["# Optimizer step benchmark\n",
-             (f"{env['date']} · torch {env['torch']} · {env['threads']} threads · {env['cpu']} · "
-             f"bandwidth probe {env['bandwidth_gbs']:.1f} GB/s (a += s·b) · load average before/after "
-             f"{env['load_before']} / {env['load_after']} · {env['steps']} timed steps after {env['warmup']} warm-up, "
-             "round-robin in a shuffled order; medians, and the fastest step (least disturbed by the host)\n"),
-             f"Command: `{env['command']}`\n"]
+    lines = header("Optimizer step benchmark", env, f" · bandwidth probe {env['bandwidth_gbs']:.1f} GB/s (a += s·b)",
+                   "; medians, and the fastest step (least disturbed by the host)")
     for s in summary["sets"]:
-        lines.append(f"\n## {s['set']}: {s['tensors']} tensors, {s['params_millions']:.1f} M parameters "
-                     f"(largest tensor {s['largest_tensor_mib']:.1f} MiB; 28 B/param floor {s['bandwidth_floor_ms']:.1f} ms)\n")
-        lines.append("| optimizer | median ms | IQR ms | × fused AdamW | min ms | × fused AdamW (min) "
-                     "| × bandwidth floor | peak extra MiB | extra / largest tensor |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines += table_head(f"{s['set']}: {s['tensors']} tensors, {s['params_millions']:.1f} M parameters (largest "
+                            f"tensor {s['largest_tensor_mib']:.1f} MiB; 28 B/param floor {s['bandwidth_floor_ms']:.1f} ms)",
+                            ["optimizer", "median ms", "IQR ms", "× fused AdamW", "min ms", "× fused AdamW (min)",
+                             "× bandwidth floor", "peak extra MiB", "extra / largest tensor"])
         for r in s["rows"]:
             if r.get("median_ms") is None:
                 lines.append(f"| {r['optimizer']} | {r['error']} | | | | | | | |")
