@@ -29,7 +29,7 @@ __all__ = ["Lamb", "Lars", "create_optimizer", "param_groups", "describe_groups"
            "get_preset", "trust_ratio", "step_in_backward", "StepInBackward", "__version__"]
 
 #: subpackages reachable as attributes of the package, imported on first access (PEP 562)
-SUBMODULES = ("optim", "schedules", "train", "tasks", "study", "bench", "cli", "plots")
+SUBMODULES = ("optim", "schedules", "checkpoint", "train", "tasks", "study", "bench", "cli", "plots")
 
 
 def __getattr__(name: str) -> ModuleType:
