@@ -180,22 +180,27 @@ def test_kill_during_resumes_then_resume_again(tmp_path, straight):
     assert_same_run(reference, out)
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (the exported ``hf/`` model included), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_resume_of_a_finished_run_changes_nothing(straight):
     config, reference, cache = straight
-    before = {p.name: p.read_bytes() for p in reference.iterdir()}
+    before = _files(reference)
     rc, stdout, stderr = _train(config, reference, cache, resume=True)
     assert rc == 0, stderr[-2000:]
     assert f"run in {reference} is complete" in stdout
-    assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
+    assert _files(reference) == before
 
 
 def test_a_fresh_run_in_a_used_folder_is_refused(straight):
     config, reference, cache = straight
-    before = {p.name: p.read_bytes() for p in reference.iterdir()}
+    before = _files(reference)
     rc, _, stderr = _train(config, reference, cache)
     assert rc == 2 and stderr.strip().splitlines()[-1].startswith(
         f"largebatch train: error: --out {reference} already holds a run"), stderr[-2000:]
-    assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
+    assert _files(reference) == before
 
 
 @pytest.mark.slow
