@@ -137,7 +137,6 @@ def build_stepper(cfg: TrainConfig, task: Task, plan: RunPlan, ctx: D.DistContex
     model.train()
     train_model = D.wrap_model(model, ctx, cfg.strategy)
     # after wrapping: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
-    # stepping in backward: the optimizer checks each gradient before its tensor's step (nonfinite='raise')
     # Lamb/Lars apply the run's non-finite policy themselves (see Stepper.update); stepping in backward, they
     # check each gradient before its tensor's step (nonfinite='raise')
     own = {"nonfinite": "raise" if cfg.step_in_backward else cfg.nonfinite} \
