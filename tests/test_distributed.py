@@ -1,6 +1,7 @@
 """Sharded LAMB/LARS (FSDP2 on 2 gloo processes) equal the unsharded optimizers step by step."""
 import json
 import socket
+import time
 
 import pytest
 import torch.multiprocessing as mp
@@ -16,15 +17,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args, attempts=3):
-    """Run ``fn`` on 2 gloo processes. A worker that crashes (not a wrong result: results are checked in
-    this process) is retried with a fresh port: on this shared machine a port can be taken between choosing
-    it and binding it, and gloo has been seen to abort at teardown. A real bug fails every attempt."""
+class _Hung(RuntimeError):
+    """The workers did not finish within the attempt's time limit."""
+
+
+def _spawn(fn, *args, attempts=3, timeout_s=300):
+    """Run ``fn`` on 2 gloo processes. A worker that crashes or hangs (not a wrong result: results are checked
+    in this process) is retried with a fresh port: on this shared machine a port can be taken between choosing
+    it and binding it, gloo has been seen to abort at teardown, and once (in a fresh venv) both workers of a
+    finished job stayed blocked on exit. A real bug fails every attempt."""
     for attempt in range(attempts):
+        context = mp.start_processes(fn, args=(2, _free_port(), *args), nprocs=2, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + timeout_s
         try:
-            mp.spawn(fn, args=(2, _free_port(), *args), nprocs=2, join=True)
+            while not context.join(timeout=2):
+                if time.monotonic() > deadline:
+                    for p in context.processes:
+                        p.kill()
+                        p.join()
+                    raise _Hung(f"{fn.__name__}: no result within {timeout_s} s")
             return
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):
+        except (mp.ProcessExitedException, mp.ProcessRaisedException, _Hung):
             if attempt == attempts - 1:
                 raise
 
