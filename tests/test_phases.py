@@ -1,5 +1,5 @@
 """Multi-phase ("mixed batch") training: short sequences at a large batch, then long ones at a smaller batch,
-re-warmup, and the optimizer-state policy at the boundary (SPEC §4)."""
+re-warmup, and the optimizer-state policy at the boundary (docs/training.md, "The run plan")."""
 import json
 from pathlib import Path
 

@@ -34,7 +34,7 @@ def test_constant_with_warmup():
 
 
 def test_scaling_rules_and_paper_numbers():
-    # BERT-Large: 5e-3 at 32768 -> 6.25e-4 at 512 under the sqrt rule (SPEC §4)
+    # BERT-Large: 5e-3 at 32768 -> 6.25e-4 at 512 under the sqrt rule (docs/training.md, "The run plan")
     assert S.scale_lr(5e-3, 32768, 512, "sqrt") == pytest.approx(6.25e-4)
     assert S.scale_lr(0.1, 256, 1024, "linear") == pytest.approx(0.4)
     assert S.scale_lr(0.1, 256, 1024, "none") == 0.1
