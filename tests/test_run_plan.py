@@ -110,3 +110,34 @@ def test_a_result_at_or_below_the_trivial_baseline_is_flagged(tmp_path):
     assert written["at_or_below_baseline"] is True
     summary = loop.train(_cfg(tmp_path / "plain", steps=1, batch_size=8, micro_batch_size=8), task=Regression())
     assert "at_or_below_baseline" not in summary  # no baseline, no flag
+
+
+def test_stop_after_steps_takes_the_first_steps_of_the_full_run_and_says_so(tmp_path):
+    """The LR schedule still spans the plan; the steps taken equal the full run's first steps; the last one is
+    evaluated and checkpointed; a resume from before the stop ends at it, one from past it is refused."""
+    def task():  # the same initial weights every time
+        torch.manual_seed(0)
+        return Regression()
+
+    kw = dict(lr=0.05, warmup_steps=2, steps=8, batch_size=16, micro_batch_size=8, eval_every=3, seed=3)
+    full = loop.train(_cfg(tmp_path / "full", **kw), task=task())
+    cut = loop.train(_cfg(tmp_path / "cut", stop_after_steps=5, checkpoint_every=2, **kw), task=task())
+    read = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = read(tmp_path / "full"), read(tmp_path / "cut")
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("samples_per_s",) and not k.startswith("validation")}  # noqa: E731
+    assert [drop(r) for r in b] == [drop(r) for r in a[:5]]  # same LRs (the 8-step schedule), losses, samples
+    assert [r["step"] for r in b if "validation_loss" in r] == [3, 5]  # the stop is evaluated
+    assert full["steps"] == 8 and "stopped_early" not in full
+    assert cut["steps"] == 5 and cut["total_steps"] == 8 and cut["stopped_early"] and cut["stop_after_steps"] == 5
+    assert sorted(p.name for p in (tmp_path / "cut").glob("ckpt-*.pt"))[-1] == "ckpt-00000005.pt"
+    # a run stopped at 3 and resumed with a stop at 5 ends where the straight cut run ended
+    loop.train(_cfg(tmp_path / "two", stop_after_steps=3, checkpoint_every=3, **kw), task=task())
+    (tmp_path / "two" / "summary.json").unlink()  # (a stopped run is finished; here: killed right after step 3)
+    again = loop.train(_cfg(tmp_path / "two", stop_after_steps=5, **kw), resume=str(tmp_path / "two"),
+                       task=task())
+    assert again["steps"] == 5 and again["final_loss"] == cut["final_loss"]
+    with pytest.raises(ValueError, match=r"Invalid stop_after_steps: 4 \(allowed: >= 5"):
+        (tmp_path / "cut" / "summary.json").unlink()
+        loop.train(_cfg(tmp_path / "cut", stop_after_steps=4, **kw), resume=str(tmp_path / "cut"), task=task())
+    with pytest.raises(ValueError, match="stop_after_steps"):
+        _cfg(tmp_path, stop_after_steps=0)

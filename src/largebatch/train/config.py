@@ -72,6 +72,10 @@ class TrainConfig:
     epochs: float = _f(3.0, "epoch budget: steps = ceil(epochs·N / batch)", gt=0, le=MAX_EPOCHS,
                        allow_inf_nan=False)
     steps: int | None = _f(None, "optimizer steps (overrides epochs)", ge=1, le=MAX_STEPS)
+    stop_after_steps: int | None = _f(None, "stop the run after this many optimizer steps, evaluated and "
+                                      "checkpointed, without changing its LR schedule (which still spans the "
+                                      "whole run); the summary says stopped_early (docs/training.md)",
+                                      ge=1, le=MAX_STEPS)
     schedule: str = _f("poly", "warmup then polynomial decay, or warmup then constant; each phase's default")
     power: float = _f(1.0, "polynomial decay power (1: linear)", gt=0, allow_inf_nan=False)
     end_lr: float = _f(0.0, "final learning rate of the polynomial decay", ge=0, allow_inf_nan=False)

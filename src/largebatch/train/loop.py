@@ -80,10 +80,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     stepper = build_stepper(cfg, task, plan, ctx)
     model, optimizer = stepper.model, stepper.optimizer
     start_step = R.restore(ckpt, stepper) if ckpt is not None else 0
+    end = stop_step(cfg, plan, start_step)
     if ctx.is_main:
         R.take_folder(out, run_id, ckpt, ctx)
     log = RunLog(out, enabled=ctx.is_main, resume_step=start_step if ckpt is not None else None,
-                 start_step=start_step, total_steps=plan.total_steps, trust_every=cfg.trust_every,
+                 start_step=start_step, total_steps=end, trust_every=cfg.trust_every,
                  progress=cfg.progress, writer_cls=writer_cls)
     if ctx.is_main:
         write_atomically(out / "config.json", json.dumps(R.config_record(cfg), indent=2))
@@ -93,14 +94,14 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     record = last_record(out / "metrics.jsonl", start_step) if ckpt is not None and ctx.is_main else {}
     t_last = time.perf_counter()
     with D.timeouts_reported(ctx, cfg.dist_timeout):  # a stuck or dead rank: one line after dist_timeout
-        for step in range(start_step, plan.total_steps):
+        for step in range(start_step, end):
             enter_phase(task, optimizer, plan, step, first=step == start_step)
             lr = scheduled_lr.apply(step)
             result = stepper.step(task, step_micro_batches(task, plan, cfg.seed, step, ctx), step,
                                   batch_size=plan.phases[plan.locate(step)[0]].batch_size)
             t_now = time.perf_counter()
             record = step_record(plan, step, lr, result, stepper, t_now - t_last)
-            is_last = step + 1 == plan.total_steps
+            is_last = step + 1 == end
             if cfg.log_every and is_due(cfg.log_every, step + 1, is_last):
                 record.update(trust_summary(optimizer))
             t_last = t_now
@@ -129,6 +130,16 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
         finish(cfg, task, exported, summary, out)
     D.shutdown(ctx)
     return summary
+
+
+def stop_step(cfg: TrainConfig, plan: RunPlan, start_step: int) -> int:
+    """The step after which the run ends: the plan's last, or ``stop_after_steps`` when that comes first (the
+    schedule still spans the plan). A checkpoint past the stop is refused: its steps cannot be undone."""
+    end = min(plan.total_steps, cfg.stop_after_steps or plan.total_steps)
+    if start_step > end:
+        raise ValueError(f"Invalid stop_after_steps: {cfg.stop_after_steps} (allowed: >= {start_step}, the step "
+                         "of the checkpoint being resumed)")
+    return end
 
 
 def build_stepper(cfg: TrainConfig, task: Task, plan: RunPlan, ctx: D.DistContext) -> Stepper:
@@ -185,6 +196,8 @@ def announce(cfg: TrainConfig, task: Task, optimizer, plan: RunPlan, ctx: D.Dist
     """Print what is about to run: the task, the optimizer, and the plan phase by phase."""
     print(f"{task.describe()}\noptimizer {cfg.optimizer} ({type(optimizer).__name__}), precision "
           f"{cfg.precision}, {plan.total_steps} steps" + (f" in {len(plan.phases)} phases" if plan.multi_phase else "")
+          + (f"; stops after step {cfg.stop_after_steps} (the schedule spans all {plan.total_steps})"
+             if cfg.stop_after_steps and cfg.stop_after_steps < plan.total_steps else "")
           + (f"; resumed at step {start_step} from {ckpt['path']}" if ckpt else ""), flush=True)
     print("\n".join(plan.describe(ctx.world_size)), flush=True)
 
@@ -193,8 +206,11 @@ def summarize(cfg: TrainConfig, plan: RunPlan, record: dict[str, Any], start_ste
               world_size: int) -> dict[str, Any]:
     """The run's summary from its last record; a multi-phase run is summarised by its last phase."""
     last = plan.phases[-1]
+    steps = record.get("step", start_step)
+    stopped = {"stopped_early": True, "stop_after_steps": cfg.stop_after_steps} \
+        if cfg.stop_after_steps is not None and cfg.stop_after_steps < plan.total_steps else {}
     return {"task": cfg.task, "optimizer": cfg.optimizer, "batch_size": last.batch_size, "lr": last.peak_lr,
-            "world_size": world_size, "steps": record.get("step", start_step), "total_steps": plan.total_steps,
+            "world_size": world_size, "steps": steps, "total_steps": plan.total_steps, **stopped,
             "final_loss": record.get("loss"), "skipped_steps": skipped,
             # a run whose last loss is not finite failed, even when its last steps were skipped ones
             "diverged": bool(record.get("diverged")) or not math.isfinite(record.get("loss", 0.0)),
