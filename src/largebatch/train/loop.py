@@ -79,8 +79,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     plan = build_run_plan(cfg, task)
     stepper = build_stepper(cfg, task, plan, ctx)
     model, optimizer = stepper.model, stepper.optimizer
-    start_step = R.restore(ckpt, stepper) if ckpt is not None else 0
-    end = stop_step(cfg, plan, start_step)
+    end = stop_step(cfg, plan, start_step := R.restore(ckpt, stepper) if ckpt is not None else 0)
     if ctx.is_main:
         R.take_folder(out, run_id, ckpt, ctx)
     log = RunLog(out, enabled=ctx.is_main, resume_step=start_step if ckpt is not None else None,
