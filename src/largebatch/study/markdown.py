@@ -284,3 +284,98 @@ def md_finetune_baselines(baselines: dict, readings: list[str]) -> list[str]:
         extra = f" (C={c['C']:g})" if c.get("C") is not None else ""
         lines.append(f"| {name}{extra} | {pm(c['mean'], c['spread'])} | {pm(c['f1_mean'], c['f1_spread'])} | {c['n']} |")
     return lines + ["", *readings, ""]
+
+
+def _f(v: Any, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def md_noise_rows(check: dict) -> list[str]:
+    """The prediction vs the validation-target steps of one optimizer (study/noise_check.compare)."""
+    lines = ["| batch | measured steps (reached) | measured efficiency | predicted steps (window range) | "
+             "predicted efficiency |", "|---:|---:|---:|---:|---:|"]
+    for r in check["rows"]:
+        bound = "≤ " if r["upper_bound"] else ""
+        eff = r["measured_efficiency"]
+        rng = "–".join(_f(v, ".0f") for v in r["predicted_steps_range"]) if r["predicted_steps_range"] else "—"
+        eff_s = "—" if eff is None else \
+            f"{'' if r['efficiency_bound'] in (None, '=') else r['efficiency_bound'] + ' '}{eff:.2f}"
+        lines.append(f"| {r['batch']} | {bound}{_f(r['measured_steps'], '.0f')} ({r['reached']}) | {eff_s} | "
+                     f"{_f(r['predicted_steps'], '.0f')} ({rng}) | {_f(r['predicted_efficiency'], '.2f')} |")
+    return lines
+
+
+def md_noise_train_loss_rows(check: dict) -> list[str]:
+    """The prediction vs the steps to the training-loss target of one optimizer."""
+    lines = ["| batch | steps per seed | median | measured efficiency | predicted steps | predicted efficiency |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in check["train_loss_rows"]:
+        per_seed = ", ".join("—" if v is None else str(v) for v in r["steps"])
+        lines.append(f"| {r['batch']} | {per_seed} | {_f(r['median_steps'], '.0f')} | "
+                     f"{_f(r['measured_efficiency'], '.2f')} | {_f(r['predicted_steps'], '.0f')} | "
+                     f"{_f(r['predicted_efficiency'], '.2f')} |")
+    return lines
+
+
+def _range(r: Any) -> str:
+    if not r:
+        return "—"
+    hi = "∞" if r[1] == float("inf") else f"{r[1]:.2f}"
+    return f"{r[0]:.2f}–{hi}"
+
+
+def md_noise_scale(section: dict | None, suite, command: str, files: list[str]) -> list[str]:
+    """The noise-scale section: B_simple near the target, the predicted critical batch, the model's steps and
+    efficiency beside the measured ones at every batch, the verdict per optimizer (study/noise_check.py)."""
+    if section is None:
+        return []
+    b0 = suite.batches[0]
+    what = (f"a training loss ≤ {section['loss_target']:g} (trailing mean over 5% of a run's records; finer than "
+            "the evaluations)" if section["by"] == "training loss" else f"the validation target ({suite.metric} ≥ "
+            f"{suite.target})")
+    lines = ["## Does the gradient noise scale predict how far the batch can grow?\n",
+             f"One noise-scale probe per optimizer at batch {b0} with its chosen base LR, micro-batch {b0 // 2} (two "
+             "batch sizes), stopped one ladder evaluation after its batch's runs met the target: B_simple = tr Σ/|G|² "
+             "([docs/noise-scale.md](../../noise-scale.md)) pooled over the last quarter of the steps before the "
+             f"batch-{b0} runs reached {what}. The paper's model S = S_min (1 + B_noise/B) through the measured S({b0}) "
+             f"predicts the steps and the scaling efficiency (S({b0})·{b0}/B)/S(B) = ({b0} + B_noise)/(B + B_noise) "
+             "at every batch; the predicted critical batch is B_crit ≈ B_noise. Rule: the prediction **holds** at a "
+             "batch where the measured efficiency's range over the seeds overlaps the range predicted by the single "
+             "windows of B_simple, else it **fails** (better or worse than predicted).\n"]
+    if not section["optimizers"]:
+        return lines + [f"Probes not run yet. `{command}` resumes the study and runs them.\n"]
+    lines += ["| optimizer | probe (steps) | B_simple near the target = predicted critical batch (single windows) | "
+              "verdict |", "|---|---|---:|---|"]
+    for opt, c in section["optimizers"].items():
+        wr = c["window_range"]
+        rng = f"{wr[0]:.0f}–{wr[1]:.0f}" if wr else "—"
+        rng += f"; {c['windows_unbounded']} with \\|G\\|² ≤ 0" if c["windows_unbounded"] else ""
+        stop = f"{c['probe_steps']}, stopped early" if c["stopped_early"] else f"{c['probe_steps']}"
+        lines.append(f"| {opt} | `{c['run']}` ({stop}) | {_f(c['b_noise_used'], ',.0f')} ({rng}) | {c['verdict']} |")
+    lines += ["", "| optimizer | batch | measured steps (per seed) | model steps | measured efficiency (seed range) | "
+              "predicted efficiency (window range) | verdict |", "|---|---:|---|---:|---:|---:|---|"]
+    for opt, c in section["optimizers"].items():
+        lines += [_noise_row(opt, c, r, section["by"] == "training loss")
+                  for r in (c["train_loss_rows"] if section["by"] == "training loss" else c["rows"])]
+    if section["missing"]:
+        lines += ["", f"No probe yet for {', '.join(section['missing'])}: `{command}` resumes the study and runs it."]
+    lines += ["", "B_simple is measured on the raw gradients along each optimizer's own trajectory; the model was "
+              "derived for SGD with the best LR at each batch, and adaptive or layer-wise normalisation (Adam, "
+              "LAMB, LARS) changes which noise matters (docs/noise-scale.md). A failure says the measured scaling "
+              "is outside what this number describes, not that the measurement is wrong."]
+    return lines + [""] + ([f"![{f}]({f})" for f in files if f == "noise_prediction.png"] or []) + [""]
+
+
+def _noise_row(opt: str, c: dict, r: dict, by_loss: bool) -> str:
+    b = r["batch"]
+    j = c["judged"].get(b)
+    if by_loss:
+        seeds = ", ".join("—" if v is None else str(v) for v in r["steps"])
+        eff = r["measured_efficiency"]
+    else:
+        seeds = f"{'≤ ' if r['upper_bound'] else ''}{_f(r['measured_steps'], 'g')} ({r['reached']})"
+        eff = r["measured_efficiency"]
+    measured = _f(eff, ".2f") + (f" ({_range(j['measured'])})" if j else "")
+    predicted = _f(r["predicted_efficiency"], ".2f") + (f" ({_range(j['predicted'])})" if j else "")
+    return (f"| {opt} | {b} | {seeds} | {_f(r['predicted_steps'], '.0f')} | {measured} | {predicted} | "
+            f"{j['verdict'] if j else '(reference)'} |")

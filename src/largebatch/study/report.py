@@ -19,8 +19,9 @@ from pathlib import Path
 from . import report_plots as plots
 from .analysis import (BASELINE_CONCLUSIONS, build_table, finetune_baselines, finetune_table, long_baseline,
                        mark_superseded, provisional, steps_table, sweep_table, tuned_control, two_phase_table, unigram_baseline)
-from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_header, md_long_baseline, md_protocol,
-                       md_rules, md_steps, md_sweep, md_table, md_tuned, md_two_phase, md_verdicts)
+from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_header, md_long_baseline, md_noise_scale,
+                       md_protocol, md_rules, md_steps, md_sweep, md_table, md_tuned, md_two_phase, md_verdicts)
+from .noise_check import noise_section, plot_series
 from .runs import header_info, load_runs
 from .stats import finite
 from .suites import SUITES, get_suite
@@ -89,6 +90,8 @@ def build_report(study_dir: str | Path, suite=None) -> Path:
     lines += md_steps(st, metric, target)
     if "steps_to_target.png" in files:
         lines += ["![steps_to_target.png](steps_to_target.png)", ""]
+    noise_lines, noise = _noise(study_dir, runs, table, st, suite, info["commands"][0], files)
+    lines += noise_lines
     curves = [f for f in ("loss_curves.png", "validation_curves.png") if f in files]
     if curves:
         lines += ["## Training curves (seed 0, one line per batch)\n", " ".join(f"![{f}]({f})" for f in curves), ""]
@@ -105,7 +108,8 @@ def build_report(study_dir: str | Path, suite=None) -> Path:
         "sweep": sweep, "steps_to_target": st, "verdicts": verdicts(table, metric),
         "precise_bn_verdicts": verdicts(bn_table, f"precise-BN {metric}") if bn_table else None,
         "comparison_at_largest": cmp, "claims": claims, "claim_summary": claim_paragraph(claims), "two_phase": tp,
-        "two_phase_comparison": two_phase_comparison(tp) if tp else None, **design, "files": files,
+        "two_phase_comparison": two_phase_comparison(tp) if tp else None, **design,
+        **({"noise_scale": noise} if noise else {}), "files": files,
         "runs": runs}), indent=2, default=str))
     (study_dir / "report.md").write_text("\n".join(lines) + "\n")
     return study_dir / "report.md"
@@ -137,6 +141,19 @@ def _design(study_dir: Path, runs: list[dict], suite, meta: dict, table: dict) -
     data = {"rules": _rules(suite, runs), "tuned_control": control, "tuned_readings": readings,
             "long_baseline": long, "ablation": {"suite": suite.ablation, "table": ablation} if ablation else None}
     return lines, {k: v for k, v in data.items() if v}  # a study without these runs keeps its results.json
+
+
+def _noise(study_dir: Path, runs: list[dict], table: dict, st: dict, suite, command: str,
+           files: list[str]) -> tuple[list[str], dict | None]:
+    """The noise-scale section (study/noise_check.py) and its plot, for a suite with probes."""
+    section = noise_section(runs, table, st, suite)
+    if section and section["optimizers"]:
+        by_loss = section["by"] == "training loss"
+        ylabel = f"steps to training loss ≤ {section['loss_target']:g}" if by_loss else "steps to the validation target"
+        png = plots.noise_prediction(study_dir, [plot_series(c, suite.name, by_loss)
+                                                 for c in section["optimizers"].values()], "noise_prediction.png", ylabel)
+        files.append(png)
+    return md_noise_scale(section, suite, command, files), section
 
 
 def _guess_suite(study_dir: Path, runs: list[dict]) -> str:

@@ -301,6 +301,49 @@ def finetune_plot(out: Path, table: dict) -> list[str]:
     return [_save(fig, out, "finetune_vs_batch.png")]
 
 
+def noise_prediction(out: Path, series: list[dict], name: str, ylabel: str) -> str | None:
+    """Per suite (a column): measured steps to the target vs batch beside the model S = S_min(1 + B_noise/B)
+    through S(b0), per optimizer (top); B_simple of the noise-scale probe over training (bottom). ``series``:
+    noise_check.plot_series of each comparison."""
+    from ..train.noise_scale import steps_model
+    from .noise_check import min_steps
+
+    if not series:
+        return None
+    plt = _plt()
+    suites = sorted({c["suite"] for c in series})
+    fig, axes = plt.subplots(2, len(suites), figsize=(6 * len(suites), 8), squeeze=False)
+    for col, suite in enumerate(suites):
+        ax_s, ax_n = axes[0, col], axes[1, col]
+        for c in (c for c in series if c["suite"] == suite):
+            exact = [(b, s) for b, s, bound in c["points"] if not bound]
+            bounds = [(b, s) for b, s, bound in c["points"] if bound]
+            (line,) = ax_s.plot(*(zip(*exact) if exact else ([], [])), "o", ms=6,
+                                label=f"{c['optimizer']} measured (open: an upper bound)")
+            if bounds:
+                ax_s.plot(*zip(*bounds), "o", ms=6, mfc="none", color=line.get_color())
+            if c["b_noise"] and c["s0"]:
+                bs = [c["b0"] * 2 ** (k / 4) for k in range(4 * 6 + 1)]
+                s_min = min_steps(c["s0"], c["b0"], c["b_noise"])
+                ax_s.plot(bs, [steps_model(b, s_min, c["b_noise"]) for b in bs], "-", color=line.get_color(),
+                          label=f"{c['optimizer']} model, B_noise = {c['b_noise']:.0f}")
+            pts = [(s, v) for s, v in c["over_training"] if finite(v) and v > 0]
+            if pts:
+                ax_n.plot(*zip(*pts), "-", color=line.get_color(), label=f"{c['optimizer']} (b={c['b0']})")
+            if c["s0"]:
+                ax_n.axvline(c["s0"], color=line.get_color(), ls=":", lw=1)
+            ax_n.axhline(c["b0"], color="grey", ls="--", lw=1)
+        ax_s.set(xscale="log", yscale="log", xlabel="batch", ylabel=ylabel,
+                 title=f"{suite}: measured (points) vs S = S_min (1 + B_noise/B)")
+        ax_n.set(yscale="log", xlabel="step (dotted: target met at the smallest batch; dashed: that batch)",
+                 ylabel="B_simple (window means)", title=f"{suite}: B_simple over training at the smallest batch")
+        for ax in (ax_s, ax_n):
+            ax.grid(alpha=0.3, which="both")
+            if ax.lines:
+                ax.legend(fontsize=7)
+    return _save(fig, out, name)
+
+
 def all_plots(out: Path, runs: list[dict], table: dict, sweep: dict, metric: str, target: float | None,
               tp: dict | None, bn_table: dict | None = None) -> list[str]:
     files = [metric_vs_batch(out, table, metric, bn_table), loss_curves(out, runs, table),

@@ -14,6 +14,8 @@ from typing import Any
 from .. import schedules
 from . import rules
 from .analysis import RANDOM_ENCODER
+from .noise_check import PROBE_KIND, loss_steps, probe_name
+from .runs import read_config, steps_to_target
 from .stats import same_lr
 from .suites import Suite, get_suite
 
@@ -83,8 +85,9 @@ class SuiteRunner:
 
     def run_one(self, optimizer: str, batch: int, lr: float, seed: int, *, extra_task_options: dict | None = None,
                 name: str | None = None, tags: dict | None = None, phases: list[dict] | None = None,
-                epochs: float | None = None) -> dict:
-        """Train one configuration (or read its finished summary)."""
+                epochs: float | None = None, eval_points: int | None = None, overrides: dict | None = None) -> dict:
+        """Train one configuration (or read its finished summary). ``eval_points``: evaluations over the
+        schedule (default: the suite's); ``overrides``: TrainConfig fields set on top (the noise probe's)."""
         from ..checkpoint import list_checkpoints
         from ..train.config import DATA_FIELDS
         from ..train.loop import TrainConfig, train
@@ -107,9 +110,10 @@ class SuiteRunner:
                 optimizer_options=dict(s.optimizer_options.get(optimizer, {})),
                 batch_size=batch, micro_batch_size=min(batch, s.micro_batch_size), lr=lr,
                 warmup_steps=min(s.warmup_steps, total), epochs=epochs, seed=seed, phases=phases,
-                eval_every=max(1, math.ceil(total / s.eval_points)), checkpoint_every=max(1, math.ceil(total / 4)),
-                trust_every=max(1, math.ceil(total / 40)),
-                keep_checkpoints=1, out=str(run_dir), threads=self.threads, progress=self.verbose, plot=False)
+                eval_every=max(1, math.ceil(total / (eval_points or s.eval_points))),
+                checkpoint_every=max(1, math.ceil(total / 4)), trust_every=max(1, math.ceil(total / 40)),
+                keep_checkpoints=1, out=str(run_dir), threads=self.threads, progress=self.verbose, plot=False,
+                **(overrides or {}))
             if phases:  # the cadence of evaluations and checkpoints follows the phases' total
                 from ..train.loop import plan_phases
                 plan = plan_phases(cfg, task)
@@ -199,9 +203,10 @@ class SuiteRunner:
         tuned = (sweep + s.seeds_largest * n_opt) if s.tuned_control and len(s.batches) > 1 else 0
         long = n_opt if s.long_baseline else 0
         two_phase = 2 * s.two_phase["seeds"] if s.two_phase else 0
+        probes = n_opt if s.noise_probe else 0
         # a run shared by two stages (the chosen sweep run, the √-rule run inside the tuned grid) is read back
         # and counted again
-        return sweep + ladder + tuned + long + two_phase
+        return sweep + ladder + tuned + long + two_phase + probes
 
     def ladder(self, optimizer: str, base_lr: float, batches: tuple[int, ...]) -> None:
         s = self.suite
@@ -239,6 +244,32 @@ class SuiteRunner:
             for seed in range(len(cells[(label, b)]), s.seeds_max):
                 self.run_one(opt, b, lrs[(label, b)], seed, tags={"kind": kind})
 
+    def probe_stop(self, optimizer: str, base_lr: float) -> int | None:
+        """The noise probe's last step: one ladder evaluation after the last of the smallest batch's ladder runs
+        met the target (the validation target and, when the suite sets one, the training-loss target); None (the
+        whole schedule) when a run has not met it."""
+        s = self.suite
+        b0 = s.batches[0]
+        dirs = [str(d) for seed in range(max(self.seeds_at(b0), s.seeds_max))
+                if ((d := self.runs_dir / run_name(optimizer, b0, base_lr, seed)) / "summary.json").exists()]
+        met = [steps_to_target(d, f"validation_{s.metric}", s.target)[0] for d in dirs] if s.target is not None else []
+        if s.noise_loss_target is not None:
+            met += loss_steps({b0: dirs}, s.noise_loss_target)[b0]
+        if not met or None in met:
+            return None
+        return max(met) + (read_config(dirs[0]).get("eval_every") or 0)
+
+    def noise_probe(self, optimizer: str, base_lr: float) -> dict:
+        """The gradient noise scale at the smallest batch with the chosen LR: micro-batch b0/2 (two batch sizes),
+        ``noise_probe`` evaluations over the schedule, stopped after :meth:`probe_stop` (same LR schedule)."""
+        s = self.suite
+        b0 = s.batches[0]
+        stop = self.probe_stop(optimizer, base_lr)
+        return self.run_one(optimizer, b0, base_lr, 0, name=probe_name(optimizer, b0, base_lr),
+                            eval_points=s.noise_probe, tags={"kind": PROBE_KIND},
+                            overrides={"micro_batch_size": max(1, b0 // 2), "noise_scale": True,
+                                       "stop_after_steps": stop})
+
     def _finished(self, optimizer: str, batch: int, lr: float, seed: int) -> dict:
         f = self.runs_dir / run_name(optimizer, batch, lr, seed) / "summary.json"
         return json.loads(f.read_text()) if f.exists() else {}
@@ -254,7 +285,7 @@ class SuiteRunner:
     def run(self) -> dict:
         """Most decisive first: the tuned control at the largest batch (sweep, then seeds), the base-LR sweep at
         the smallest batch, the largest batch with the √ rule, then the rest of the ladder, third seeds, the
-        long baseline and the two-phase run."""
+        noise-scale probes, the long baseline and the two-phase run."""
         s = self.suite
         self.out.mkdir(parents=True, exist_ok=True)
         if self.progress:
@@ -276,6 +307,9 @@ class SuiteRunner:
         for o, base in chosen.items():
             self.ladder(o, base, s.batches[:-1])
         self.more_seeds(chosen, tuned)
+        if s.noise_probe:  # after the smallest batch's ladder runs: they say where the probe may stop
+            for o, base in chosen.items():
+                self.noise_probe(o, base)
         if s.long_baseline:
             for o, base in chosen.items():
                 self.long_baseline(o, base)

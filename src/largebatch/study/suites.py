@@ -51,6 +51,14 @@ class Suite:
     # comes from the optimizer's swept base LR by the suite's scaling rule; the twin trains for the sum of
     # the phases' epochs (the same number of tokens) with the suite's warmup.
     two_phase: dict[str, Any] | None = None
+    # the gradient noise scale checked against the ladder (docs/study.md, study/noise_check.py): after the sweep,
+    # one probe per optimizer at batches[0] with its chosen LR, micro-batch batches[0]/2 and noise_scale on,
+    # evaluated ``noise_probe`` times over its schedule (each evaluation closes a B_simple window) and stopped
+    # one ladder evaluation after the batches[0] runs met the target (0: no probe)
+    noise_probe: int = 0
+    # the training-loss level whose steps the noise-scale section compares (a trailing mean, finer than the
+    # evaluations); None: the validation target
+    noise_loss_target: float | None = None
     description: str = ""
 
 
@@ -66,7 +74,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
                             dropout=0.0),
           # steps-to-target threshold (report only): 0.10 was met at the first evaluation by every run below
           # batch 1024, which measures the evaluation spacing, not the optimizer; 0.13 separates them
-          target=0.13,
+          target=0.13, noise_probe=80, noise_loss_target=5.95,
           two_phase=dict(optimizer="lamb", seeds=2, seq_len=64, twin_batch=512, phases=[
               dict(seq_len=32, batch_size=1024, epochs=9.0, warmup_steps=50),
               dict(seq_len=64, batch_size=512, epochs=1.0, warmup_steps=10, optimizer_state="reset_step")]),
@@ -86,7 +94,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
                                       "trust_coefficient": 0.001},
                              "sgd": {"weight_decay": 5e-4}},
           task_options=dict(width=8, blocks=1), target=0.85, eval_points=12, long_baseline=2.0,
-          ablation="image-scaling-no-exclusions",
+          ablation="image-scaling-no-exclusions", noise_probe=48, noise_loss_target=0.5,
           description="small ResNet on Fashion-MNIST, batch 16 → 1024 (64×), LAMB vs LARS vs AdamW vs SGD+momentum, "
                       "BatchNorm and biases excluded as in the LARS/LAMB ResNet recipes"),
     # the first image-scaling design, kept as the ablation row: LAMB's `paper` preset and LARS with a trust
@@ -104,7 +112,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           lr_grids={"lamb": (3e-3, 1e-2), "adamw": (1e-3, 3e-3)},
           task_options=dict(vocab_size=512, seq_len=32, hidden=32, layers=1, heads=2, intermediate=64,
                             limit_train_sequences=256, max_eval_sequences=64),
-          seeds=1, seeds_largest=2, target=0.05, extend_grid=1, eval_points=3, long_baseline=2.0,
+          seeds=1, seeds_largest=2, target=0.05, extend_grid=1, eval_points=3, long_baseline=2.0, noise_probe=8,
           # (limit_train_sequences caps sequences, not tokens: here phase 1 sees half the tokens of the twin)
           two_phase=dict(optimizer="lamb", seeds=1, seq_len=32, twin_batch=32, phases=[
               dict(seq_len=16, batch_size=64, epochs=0.9, warmup_steps=2),
