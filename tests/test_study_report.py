@@ -374,3 +374,39 @@ def test_one_seed_each_is_not_judged():
     assert any("adamw at batch 1024: own LR 0.008 gives 0.8500 vs 0.8000" in x and "not judged yet" in x for x in lines)
     assert any("adamw vs lamb" in x and "not judged yet (one seed each" in x for x in lines)
     assert not any("does not reach" in x or "bad LR" in x for x in lines)
+
+
+NOISE = Suite("synthetic-noise", "mlm", batches=(16, 64), epochs=1.0, warmup_steps=2, micro_batch_size=256,
+              lr_grids={"lamb": (1e-3,), "adamw": (1e-3,)}, target=0.5, noise_probe=4, noise_loss_target=2.5)
+
+
+def test_noise_scale_section_not_run_yet_then_with_a_probe(tmp_path):
+    ladder(tmp_path, "lamb", {16: [0.6, 0.6], 64: [0.6, 0.6]})
+    ladder(tmp_path, "adamw", {16: [0.6, 0.6], 64: [0.6, 0.6]})
+    report = R.build_report(tmp_path, NOISE).read_text()
+    assert "## Does the gradient noise scale predict how far the batch can grow?" in report
+    assert f"Probes not run yet. `largebatch study synthetic-noise --out {tmp_path}` resumes the study" in report
+    # a probe for lamb: B_simple 16 in every window (|G|² = 1, tr Σ = 16), at the ladder's LR
+    d = write_run(tmp_path, "noise-lamb-b16-lr0.001-s0", optimizer="lamb", batch=16, kind="noise-probe", steps=40,
+                  extra={"stopped_early": True, "steps": 40})
+    with open(d / "metrics.jsonl", "a") as f:
+        for step in (8, 16, 24, 32, 40):
+            f.write(json.dumps({"step": step, "loss": 2.0, "window_steps": 8, "window_grad_sq_norm": 1.0,
+                                "window_grad_trace_cov": 16.0, "window_b_simple": 16.0}) + "\n")
+    report = R.build_report(tmp_path, NOISE).read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    lamb = results["noise_scale"]["optimizers"]["lamb"]
+    # training loss 3 − s/steps: a trailing mean over 3 records reaches 2.5 at step 33 of 64 (batch 16), a single
+    # record at step 8 of 16 (batch 64): measured efficiency 33·16/64/8 = 1.03; predicted (16+16)/(64+16) = 0.4
+    assert [r["steps"] for r in lamb["train_loss_rows"]] == [[33, 33], [8, 8]]
+    assert lamb["b_noise_used"] == pytest.approx(16) and lamb["window_range"] == [16.0, 16.0]
+    assert lamb["train_loss_rows"][1]["measured_efficiency"] == pytest.approx(33 * 16 / 64 / 8)
+    assert lamb["train_loss_rows"][1]["predicted_efficiency"] == pytest.approx(0.4)
+    assert lamb["judged"]["64"]["verdict"] == "better"
+    assert results["noise_scale"]["missing"] == ["adamw"]
+    assert "| lamb | `noise-lamb-b16-lr0.001-s0` (40, stopped early) | 16 (16–16) | **fails** at every batch above " \
+           "the smallest (scales better than predicted at 64) |" in report
+    assert "| lamb | 64 | 8, 8 | 21 | 1.03 (1.03–1.03) | 0.40 (0.40–0.40) | better |" in report
+    assert "No probe yet for adamw" in report and (tmp_path / "noise_prediction.png").stat().st_size > 5_000
+    assert all(r.get("kind") != "noise-probe" for r in A.sweep_points(runs.load_runs(tmp_path)).get("lamb", []))
+    assert results["table"]["lamb"]["16"]["n"] == 2  # the probe is not a ladder run

@@ -27,6 +27,19 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path):
     base = results["base_lr"]
     for opt in ("lamb", "adamw"):
         assert abs(results["table"][opt]["64"]["lr"] - 2 * base[opt]) < 1e-12
+    # the noise-scale probes: one per optimizer at batch 16 with the chosen LR, micro-batch 8, B_simple logged,
+    # out of the ladder's table; the report's section compares them with the ladder
+    for opt in ("lamb", "adamw"):
+        probe = out / "runs" / f"noise-{opt}-b16-lr{base[opt]:.3g}-s0"
+        cfg, summary = (json.loads((probe / f).read_text()) for f in ("config.json", "summary.json"))
+        assert (cfg["micro_batch_size"], cfg["batch_size"], cfg["noise_scale"], summary["kind"]) == (8, 16, True,
+                                                                                                     "noise-probe")
+        assert summary["steps"] == min(summary["total_steps"], cfg["stop_after_steps"] or summary["total_steps"])
+        assert any("window_b_simple" in line for line in (probe / "metrics.jsonl").read_text().splitlines())
+        assert results["table"][opt]["16"]["n"] == 1
+        assert set(results["noise_scale"]["optimizers"][opt]["judged"]) == {"64"}
+    assert "## Does the gradient noise scale predict how far the batch can grow?" in report
+    assert "| lamb | 64 |" in report and (out / "noise_prediction.png").stat().st_size > 5_000
     mtimes = {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")}
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0

@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from ..train.noise_scale import simple_noise_scale, steps_model
-from .stats import finite
+from .stats import finite, same_lr
 
 POOL_FRACTION = 0.25     # B_simple pooled over the windows in the last quarter of the steps before the target
 LOSS_SMOOTH = 0.05       # the training-loss target reads a trailing mean over 5% of a run's records
@@ -269,7 +269,9 @@ def noise_section(runs: list[dict], table: dict, steps: dict, suite) -> dict | N
     """The report's noise-scale section: per optimizer of the ladder with a finished probe, the comparison
     (:func:`compare`), the per-batch verdicts and a sentence; the optimizers whose probe is missing. None for a
     suite without probes. ``steps``: analysis.steps_table of ``table``."""
-    probes = {r["optimizer"]: r for r in runs if r.get("kind") == PROBE_KIND}
+    b0 = suite.batches[0]
+    probes = {r["optimizer"]: r for r in runs if r.get("kind") == PROBE_KIND  # at the ladder's LR, when known
+              and (b0 not in table.get(r["optimizer"], {}) or same_lr(r["lr"], table[r["optimizer"]][b0]["lr"]))}
     if not getattr(suite, "noise_probe", 0) and not probes:
         return None
     target = getattr(suite, "noise_loss_target", None)
@@ -286,10 +288,11 @@ def noise_section(runs: list[dict], table: dict, steps: dict, suite) -> dict | N
         b_noise, pooled, spread = noise_near(windows, s0) if s0 else (None, 0, [])
         judged = judged_rows(check, table[opt], spread, by_loss)
         values = [v for v in spread if finite(v) and v > 0]
+        verdict = summary_sentence({b: j["verdict"] for b, j in judged.items()}) if s0 else \
+            f"not judged: no batch-{check['b0']} run reached the target"
         out["optimizers"][opt] = {**check, "run": probe.get("run"), "stopped_early": probe.get("stopped_early"),
                                   "probe_steps": probe.get("steps"), "s0_used": s0, "b_noise_used": b_noise,
                                   "pooled_steps": pooled, "windows": len(spread), "windows_unbounded":
                                   len(spread) - len(values), "window_range": [min(values), max(values)] if values
-                                  else None, "judged": judged, "verdict": summary_sentence({b: j["verdict"]
-                                                                                 for b, j in judged.items()})}
+                                  else None, "judged": judged, "verdict": verdict}
     return out

@@ -112,8 +112,8 @@ class SuiteRunner:
                 warmup_steps=min(s.warmup_steps, total), epochs=epochs, seed=seed, phases=phases,
                 eval_every=max(1, math.ceil(total / (eval_points or s.eval_points))),
                 checkpoint_every=max(1, math.ceil(total / 4)), trust_every=max(1, math.ceil(total / 40)),
-                keep_checkpoints=1, out=str(run_dir), threads=self.threads, progress=self.verbose, plot=False,
-                **(overrides or {}))
+                keep_checkpoints=1, out=str(run_dir), threads=self.threads, progress=self.verbose, plot=False)
+            cfg = dataclasses.replace(cfg, **(overrides or {}))
             if phases:  # the cadence of evaluations and checkpoints follows the phases' total
                 from ..train.loop import plan_phases
                 plan = plan_phases(cfg, task)
