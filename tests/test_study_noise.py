@@ -93,3 +93,30 @@ def test_the_committed_check_reproduced(tmp_path):
     assert json.loads((tmp_path / "check.json").read_text()) == \
         json.loads((root / "docs" / "results" / "noise-scale" / "check.json").read_text())
     assert (tmp_path / "prediction.png").stat().st_size > 10_000
+
+
+def test_the_report_section_on_the_committed_runs_gives_the_hand_made_verdicts():
+    """noise_section over the committed mlm-scaling ladder and the committed noise-scale runs (read, as probes):
+    the README of docs/results/noise-scale: B_simple 180 (127–312) for LAMB, holding at every batch; 1,405 for
+    AdamW, failing (worse than predicted)."""
+    import json
+    from pathlib import Path
+
+    from largebatch.study import analysis as A
+    from largebatch.study import runs as R
+    from largebatch.study.suites import get_suite
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    suite = get_suite("mlm-scaling")
+    ladder = [r for r in R.load_runs(root / "mlm-scaling") if r.get("kind") == "ladder" and r["optimizer"] != "lars"]
+    probes = [{"optimizer": opt, "batch_size": 16, "lr": lr, "kind": N.PROBE_KIND, "dir": str(root / "noise-scale" /
+               "runs" / f"mlm-{opt}"), "run": f"mlm-{opt}", "steps": 5134} for opt, lr in (("lamb", 3e-3), ("adamw", 1e-3))]
+    table = A.build_table(ladder, suite.metric, suite.target)
+    section = N.noise_section(ladder + probes, table, A.steps_table(table), suite)
+    lamb, adamw = section["optimizers"]["lamb"], section["optimizers"]["adamw"]
+    assert round(lamb["b_noise_used"]) == 180 and [round(v) for v in lamb["window_range"]] == [127, 312]
+    assert lamb["verdict"] == "**holds** at every batch"
+    assert round(adamw["b_noise_used"]) == 1405 and adamw["windows_unbounded"] == 1
+    assert [adamw["judged"][b]["verdict"] for b in (64, 256, 1024)] == ["worse", "worse", "not reached"]
+    check = json.loads((root / "noise-scale" / "check.json").read_text())[0]
+    assert lamb["train_loss_rows"] == check["train_loss_rows"]

@@ -341,7 +341,7 @@ def md_noise_scale(section: dict | None, suite, command: str, files: list[str]) 
              f"predicts the steps and the scaling efficiency (S({b0})·{b0}/B)/S(B) = ({b0} + B_noise)/(B + B_noise) "
              "at every batch; the predicted critical batch is B_crit ≈ B_noise. Rule: the prediction **holds** at a "
              "batch where the measured efficiency's range over the seeds overlaps the range predicted by the single "
-             "windows of B_simple, else it **fails** (better or worse than predicted).\n"]
+             "(full) windows of B_simple, else it **fails** (better or worse than predicted).\n"]
     if not section["optimizers"]:
         return lines + [f"Probes not run yet. `{command}` resumes the study and runs them.\n"]
     lines += ["| optimizer | probe (steps) | B_simple near the target = predicted critical batch (single windows) | "

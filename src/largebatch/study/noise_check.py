@@ -47,6 +47,13 @@ def read_records(run_dir: str | Path) -> list[dict]:
     return out
 
 
+def full_windows(windows: list[dict]) -> list[dict]:
+    """The windows of at least half the longest one's steps (one cut short by an extra evaluation is noisier:
+    the ranges read only these; the pooled value weighs every window by its steps)."""
+    longest = max((w["window_steps"] for w in windows), default=0)
+    return [w for w in windows if w["window_steps"] >= longest / 2]
+
+
 def noise_near(windows: list[dict], stop: float, fraction: float = POOL_FRACTION
                ) -> tuple[float | None, int, list[float | None]]:
     """B_simple from the windows ending in (stop·(1 − fraction), stop]: the ratio of the step-weighted means,
@@ -110,8 +117,7 @@ def compare(optimizer: str, lr: float, measured: dict[int, dict], windows: list[
                      "upper_bound": m.get("upper_bound"), "predicted_steps": _predict(b, b0, s0, noise),
                      "predicted_steps_range": [_predict(b, b0, s0, hi), _predict(b, b0, s0, lo)] if values else None,
                      "predicted_efficiency": predicted_efficiency(b, b0, noise) if noise else None})
-    longest = max((w["window_steps"] for w in windows), default=0)  # a window cut short by an evaluation is noisy
-    over_training = [(w["step"], w["window_b_simple"]) for w in windows if w["window_steps"] >= longest / 2]
+    over_training = [(w["step"], w["window_b_simple"]) for w in full_windows(windows)]
     out = {"optimizer": optimizer, "lr": lr, "b0": b0, "s0": s0, "s0_upper_bound": measured[b0].get("upper_bound"),
            "b_noise": noise, "b_noise_steps": steps, "b_noise_window_range": [lo, hi], "rows": rows,
            "over_training": over_training}
@@ -285,7 +291,8 @@ def noise_section(runs: list[dict], table: dict, steps: dict, suite) -> dict | N
         losses = loss_steps(_seed_dirs(runs, opt), target) if by_loss else None
         check = compare(opt, probe["lr"], steps[opt], windows, losses, target)
         s0 = check["train_loss_rows"][0]["median_steps"] if by_loss else check["s0"]
-        b_noise, pooled, spread = noise_near(windows, s0) if s0 else (None, 0, [])
+        b_noise, pooled, _ = noise_near(windows, s0) if s0 else (None, 0, [])
+        _, _, spread = noise_near(full_windows(windows), s0) if s0 else (None, 0, [])
         judged = judged_rows(check, table[opt], spread, by_loss)
         values = [v for v in spread if finite(v) and v > 0]
         verdict = summary_sentence({b: j["verdict"] for b, j in judged.items()}) if s0 else \
