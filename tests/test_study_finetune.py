@@ -59,8 +59,8 @@ def test_tfidf_baseline_learns_separable_token_sets_and_picks_c_on_validation():
     assert out["features"] > 20  # unigrams and bigrams, no padding id
 
 
-def test_baselines_only_is_for_finetuning_suites(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "largebatch.cli.main", "study", "smoke", "--baselines-only",
+def test_baselines_only_is_for_finetuning_and_mlm_suites(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "largebatch.cli.main", "study", "image-scaling", "--baselines-only",
                            "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and "Invalid --baselines-only for suite 'smoke'" in proc.stderr
+    assert proc.returncode == 2 and "Invalid --baselines-only for suite 'image-scaling'" in proc.stderr
     assert not (tmp_path / "s").exists()

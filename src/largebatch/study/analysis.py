@@ -44,6 +44,12 @@ def unigram_baseline(table: dict) -> float | None:
     return next((c["unigram"] for row in table.values() for c in row.values() if finite(c.get("unigram"))), None)
 
 
+def cells_at_or_below(table: dict, value: float, tol: float = 1e-6) -> tuple[int, int]:
+    """(cells whose mean is at or below ``value``, cells with a finite mean)."""
+    means = [c["mean"] for row in table.values() for c in row.values() if finite(c.get("mean"))]
+    return sum(m <= value + tol for m in means), len(means)
+
+
 SWEEP_KINDS = ("sweep", "ladder", "superseded")  # a superseded ladder run at the sweep batch was a sweep point
 
 

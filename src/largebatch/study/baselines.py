@@ -50,11 +50,12 @@ def _tokens(ids) -> list[str]:
 
 
 def tfidf_logreg(data: dict, c_grid: tuple[float, ...] = TFIDF_C_GRID) -> dict:
-    """``data``: split -> (token ids [n, seq], labels [n]). Fit on train, pick C on validation, score test."""
+    """``data``: split -> (token ids [n, seq], labels [n], anything else: the classify task's attention mask).
+    Fit on train, pick C on validation, score test."""
     vec = TfidfVectorizer(analyzer=_tokens, sublinear_tf=True)
-    x = {split: (vec.fit_transform if split == "train" else vec.transform)([row for row in ids])
-         for split, (ids, _) in sorted(data.items(), key=lambda kv: kv[0] != "train")}
-    y = {split: labels.numpy() for split, (_, labels) in data.items()}
+    x = {split: (vec.fit_transform if split == "train" else vec.transform)([row for row in rows[0]])
+         for split, rows in sorted(data.items(), key=lambda kv: kv[0] != "train")}
+    y = {split: rows[1].numpy() for split, rows in data.items()}
     fits = {c: LogisticRegression(C=c, max_iter=2000).fit(x["train"], y["train"]) for c in c_grid}
     val = {c: accuracy_score(y["validation"], m.predict(x["validation"])) for c, m in fits.items()}
     best = max(c_grid, key=lambda c: (val[c], -c))  # ties: the stronger regularisation

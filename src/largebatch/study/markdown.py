@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .analysis import cells_at_or_below
 from .runs import VERSIONED
 from .stats import finite, same_lr
 from .verdicts import claim_paragraph, two_phase_comparison, verdicts
@@ -13,6 +14,33 @@ def fmt(x: Any, nd: int = 4) -> str:
 
 def pm(mean: Any, spread: Any, nd: int = 4) -> str:
     return "—" if not finite(mean) else f"{mean:.{nd}f} ± {fmt(spread, nd)}"
+
+
+BIGRAM_CONTEXT_WORDS = {"left": "its left neighbour", "right": "its right neighbour",
+                        "both": "its two neighbours (backing off to the left, then the right one)"}
+
+
+def md_mlm_baselines(table: dict, unigram: float | None, bigram: dict | None) -> list[str]:
+    """The MLM baselines under the table: the unigram guess and the bigram baseline (study/baselines.py), each
+    with how many results are at or below it."""
+    lines = []
+    if unigram is not None:
+        k, n = cells_at_or_below(table, unigram)
+        lines.append(f"Unigram baseline (always the most frequent token): {unigram:.4f}."
+                     + (" **Every result is at or below it**: the models learned no more than word frequencies."
+                        if k == n else "") + "\n")
+    if bigram and finite(bigram.get("test_accuracy")):
+        acc, by = bigram["test_accuracy"], bigram["accuracy_by_context"]
+        k, n = cells_at_or_below(table, acc)
+        reading = (" **Every result is at or below it**: no model used more of a sequence than a masked token's "
+                   "neighbours." if n and k == n else f" **{k} of {n} results are at or below it**: those models used "
+                   "no more of a sequence than a masked token's neighbours." if k else " Every result is above it.")
+        choice = ", ".join(f"{c} {fmt(v.get('validation'))}" for c, v in by.items())
+        lines.append(f"Bigram baseline (the most frequent training token given "
+                     f"{BIGRAM_CONTEXT_WORDS.get(bigram['context'], bigram['context'])} as the model sees them, else "
+                     f"the unigram guess; the context chosen by validation accuracy: {choice}): {acc:.4f}." + reading
+                     + "\n")
+    return lines
 
 
 def md_header(info: dict, suite) -> list[str]:

@@ -19,11 +19,11 @@ from pathlib import Path
 from . import report_plots as plots
 from .analysis import (BASELINE_CONCLUSIONS, build_table, finetune_baselines, finetune_table, long_baseline,
                        mark_superseded, provisional, steps_table, sweep_table, tuned_control, two_phase_table, unigram_baseline)
-from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_header, md_long_baseline, md_noise_scale,
-                       md_protocol, md_rules, md_steps, md_sweep, md_table, md_tuned, md_two_phase, md_verdicts)
+from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_header, md_long_baseline,
+                       md_mlm_baselines, md_noise_scale, md_protocol, md_rules, md_steps, md_sweep, md_table, md_tuned,
+                       md_two_phase, md_verdicts)
 from .noise_check import noise_section, plot_series
-from .runs import header_info, load_runs
-from .stats import finite
+from .runs import header_info, load_baselines, load_runs
 from .suites import SUITES, get_suite
 from .verdicts import (against_baseline, claim_paragraph, claim_summary, compare_at_largest, tuned_readings, two_phase_comparison,
                        verdicts)
@@ -70,16 +70,13 @@ def build_report(study_dir: str | Path, suite=None) -> Path:
     tp = two_phase_table(runs)
     info = header_info(study_dir, runs, suite.name)
 
-    files = plots.all_plots(study_dir, runs, table, sweep, metric, target, tp, bn_table)
+    bigram = load_baselines(study_dir).get("bigram")
+    files = plots.all_plots(study_dir, runs, table, sweep, metric, target, tp, bn_table, bigram)
     uni = unigram_baseline(table)
     lines = md_header(info, suite) + md_protocol(suite, meta.get("base_lr"), provisional(sweep))
     lines += md_rules(_rules(suite, runs))
     lines += md_table(table, f"Test {metric}", metric)
-    if uni is not None:
-        flat = all(not finite(c["mean"]) or c["mean"] <= uni + 1e-6 for row in table.values() for c in row.values())
-        lines.append(f"Unigram baseline (always the most frequent token): {uni:.4f}."
-                     + (" **Every result is at or below it**: the models learned no more than word frequencies."
-                        if flat else "") + "\n")
+    lines += md_mlm_baselines(table, uni, bigram)
     if bn_table:
         lines += md_table(bn_table, f"Test {metric} with precise BN (BatchNorm statistics recomputed after training)",
                           f"precise-BN {metric}")
@@ -105,6 +102,7 @@ def build_report(study_dir: str | Path, suite=None) -> Path:
         "suite": suite.name, "task": suite.task, "metric": metric, "target": target,
         "base_lr": meta.get("base_lr"), "base_lr_provisional": provisional(sweep) or None,
         "header": info, "table": table, "precise_bn_table": bn_table, "unigram_baseline": uni,
+        "bigram_baseline": bigram,
         "sweep": sweep, "steps_to_target": st, "verdicts": verdicts(table, metric),
         "precise_bn_verdicts": verdicts(bn_table, f"precise-BN {metric}") if bn_table else None,
         "comparison_at_largest": cmp, "claims": claims, "claim_summary": claim_paragraph(claims), "two_phase": tp,

@@ -53,7 +53,8 @@ def _batch_colors(batches: list[int]):
     return {b: cmap(0.85 * i / n) for i, b in enumerate(sorted(batches))}
 
 
-def metric_vs_batch(out: Path, table: dict, metric: str, bn_table: dict | None = None) -> str:
+def metric_vs_batch(out: Path, table: dict, metric: str, bn_table: dict | None = None,
+                    bigram: dict | None = None) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for opt, row in table.items():
@@ -67,6 +68,8 @@ def metric_vs_batch(out: Path, table: dict, metric: str, bn_table: dict | None =
     uni = unigram_baseline(table)
     if uni:
         ax.axhline(uni, ls=":", color="grey", label="unigram baseline")
+    if bigram and finite(bigram.get("test_accuracy")):
+        ax.axhline(bigram["test_accuracy"], ls="-.", color="dimgrey", label=f"bigram baseline ({bigram['context']})")
     ax.set(xscale="log", xlabel="effective batch (log)", ylabel=f"test {metric}",
            title="final quality vs batch (mean ± half-range over seeds)")
     _batch_ticks(ax, [b for row in table.values() for b in row])
@@ -345,8 +348,8 @@ def noise_prediction(out: Path, series: list[dict], name: str, ylabel: str) -> s
 
 
 def all_plots(out: Path, runs: list[dict], table: dict, sweep: dict, metric: str, target: float | None,
-              tp: dict | None, bn_table: dict | None = None) -> list[str]:
-    files = [metric_vs_batch(out, table, metric, bn_table), loss_curves(out, runs, table),
+              tp: dict | None, bn_table: dict | None = None, bigram: dict | None = None) -> list[str]:
+    files = [metric_vs_batch(out, table, metric, bn_table, bigram), loss_curves(out, runs, table),
              validation_curves(out, runs, table, metric), lr_sweep(out, sweep)]
     if target is not None:
         files.append(steps_to_target(out, table, metric, target))

@@ -15,7 +15,7 @@ from .. import schedules
 from . import rules
 from .analysis import RANDOM_ENCODER
 from .noise_check import PROBE_KIND, loss_steps, probe_name
-from .runs import read_config, steps_to_target
+from .runs import BASELINES_FILE, load_baselines, read_config, steps_to_target
 from .stats import same_lr
 from .suites import Suite, get_suite
 
@@ -37,9 +37,10 @@ def middle_out(n: int) -> list[int]:
 
 class SuiteRunner:
     def __init__(self, suite: Suite, out: str | Path, *, threads: int | None = None, progress: bool = True,
-                 verbose: bool = False):
+                 verbose: bool = False, baselines_only: bool = False):
         self.suite, self.out = suite, Path(out)
         self.threads, self.progress, self.verbose = threads, progress, verbose
+        self.baselines_only = baselines_only  # only the baselines, no training run (nor study.json) touched
         self.runs_dir = self.out / "runs"
         self._tasks: dict[str, Any] = {}
         self.bar = None
@@ -282,12 +283,28 @@ class SuiteRunner:
                             name=f"long-{run_name(optimizer, s.batches[0], base_lr, 0)}-e{epochs:g}",
                             tags={"kind": "long-baseline", "epochs": epochs})
 
+    def task_baselines(self) -> dict:
+        """The task's calibration baselines that are not training runs, computed once into baselines.json:
+        for ``mlm`` the bigram baseline on the ladder's evaluation masks (study/baselines.py)."""
+        found = load_baselines(self.out)
+        if self.suite.task != "mlm" or "bigram" in found:
+            return found
+        from .baselines import mlm_task_bigram
+
+        found["bigram"] = mlm_task_bigram(self._task({**self.suite.task_options, "seed": 0}))
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / BASELINES_FILE).write_text(json.dumps(found, indent=2))
+        return found
+
     def run(self) -> dict:
         """Most decisive first: the tuned control at the largest batch (sweep, then seeds), the base-LR sweep at
         the smallest batch, the largest batch with the √ rule, then the rest of the ladder, third seeds, the
         noise-scale probes, the long baseline and the two-phase run."""
         s = self.suite
         self.out.mkdir(parents=True, exist_ok=True)
+        baselines = self.task_baselines()  # seconds
+        if self.baselines_only:
+            return {"suite": s.name, "baselines": sorted(baselines)}
         if self.progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=self.plan_size(), desc=f"study {s.name}", unit="run", dynamic_ncols=True)
@@ -336,10 +353,6 @@ class FinetuneRunner(SuiteRunner):
     """Fine-tune every ladder run of the source suite (``<out>/../<source>``) with one fixed recipe, and the
     baselines that calibrate it (study/baselines.py): a randomly initialised encoder with the same recipe and a
     TF-IDF + logistic-regression classifier. ``baselines_only``: the baselines alone (no pre-trained runs needed)."""
-
-    def __init__(self, *args, baselines_only: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.baselines_only = baselines_only
 
     def sources(self) -> list[Path]:
         """The source suite's finished ladder runs; checked before any work: a study copied without its
@@ -390,6 +403,7 @@ class FinetuneRunner(SuiteRunner):
         s = self.suite
         sources = [] if self.baselines_only else self.sources()
         self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "study.json").write_text(json.dumps({"suite": s.name}, indent=2))  # the report's suite
         if self.progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=len(sources) + s.baseline_seeds, desc=f"study {s.name}", unit="run",

@@ -20,6 +20,18 @@ VERSIONED = ("largebatch", "torch", "transformers", "tokenizers", "numpy", "matp
 CURVE_POINTS = 1500      # training-loss curves are averaged into at most this many bins per run
 
 
+BASELINES_FILE = "baselines.json"  # a study's calibration baselines that are not training runs (the MLM bigram)
+
+
+def load_baselines(study_dir: Path) -> dict:
+    """``<study>/baselines.json`` (name -> the baseline's numbers), {} when absent or being written."""
+    path = Path(study_dir) / BASELINES_FILE
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def load_runs(study_dir: Path) -> list[dict]:
     out = []
     for d in sorted((Path(study_dir) / "runs").glob("*")):

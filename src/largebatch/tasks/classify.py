@@ -142,7 +142,7 @@ class ClassifyTask(Task):
         mlm_options: dict = {}
         encoder_state = None
         if cfg.checkpoint:
-            ckpt = load_checkpoint(cfg.checkpoint)
+            ckpt = load_checkpoint(cfg.checkpoint, required=("model", "config"))  # an encoder: no training state
             mlm_options = dict(ckpt["config"].get("task_options", {}))
             run = {**ckpt["config"], **mlm_options}  # the data/model fields may be top-level run settings
             own = sorted(k for k in ("data", "tokenizer", "model_config", "model_size") if run.get(k))

@@ -63,11 +63,11 @@ def load_plays() -> dict[str, str]:
     return plays
 
 
-def split_news(n_articles: int) -> dict[str, list[str]]:
-    """BBC News article names by split: the fine-tuning task's seeded split (bbcnews.py), so pre-training on
-    the training articles never reads a validation or test article of the fine-tuning."""
-    return {split: [article_name(int(i)) for i in sorted(idx.tolist())]
-            for split, idx in bbcnews.seeded_split(n_articles).items()}
+def split_news(texts: list[str]) -> dict[str, list[str]]:
+    """BBC News article names by split: the fine-tuning task's seeded split without the training copies of
+    held-out articles (``bbcnews.pretraining_split``), so pre-training never reads a fine-tuning validation or
+    test article."""
+    return {split: [article_name(i) for i in idx] for split, idx in bbcnews.pretraining_split(texts).items()}
 
 
 def article_name(index: int) -> str:
@@ -99,6 +99,30 @@ def train_tokenizer(texts, vocab_size: int, key: str | None = None):
     tok.save(str(tmp))
     tmp.replace(path)
     return Tokenizer.from_file(str(path))
+
+
+def encode_documents(tokenizer, texts: dict[str, str]) -> dict[str, list[int]]:
+    """Each document's token ids (no special tokens), cached by the tokenizer and the texts: the built-in corpora
+    are tokenised once, not in every task built from them (a study builds one per seed and per fine-tuning)."""
+    import numpy as np
+
+    h = hashlib.sha256(tokenizer.to_str().encode())
+    for name, text in texts.items():
+        h.update(f"{len(name)}:{name}{len(text)}:".encode() + text.encode())
+    path = cache_dir() / f"encoded-{h.hexdigest()[:20]}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            ids, ends = z["ids"], z["ends"]
+    else:
+        docs = [tokenizer.encode(texts[n], add_special_tokens=False).ids for n in texts]
+        ids = np.fromiter((i for d in docs for i in d), dtype=np.int64, count=sum(map(len, docs)))
+        ends = np.cumsum([len(d) for d in docs], dtype=np.int64)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, ids=ids, ends=ends)
+        tmp.replace(path)
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    return {n: ids[s:e].tolist() for n, s, e in zip(texts, starts, ends)}
 
 
 def to_sequences(ids: list[int], seq_len: int, cls_id: int, sep_id: int) -> Tensor:
@@ -289,8 +313,9 @@ class MLMTask(Task):
     def _load_builtin(self, cfg: MLMConfig) -> None:
         """Shakespeare's plays (held out by play) or BBC News articles (held out by the fine-tuning split)."""
         if cfg.corpus == "bbc-news":
-            texts = {article_name(i): t for i, t in enumerate(bbcnews.article_texts())}  # text only, no labels
-            self.splits = split_news(len(texts))
+            articles = bbcnews.article_texts()  # text only, no labels
+            texts = {article_name(i): t for i, t in enumerate(articles)}
+            self.splits = split_news(articles)
         else:
             texts = load_plays()
             self.splits = split_plays(texts)
@@ -301,7 +326,7 @@ class MLMTask(Task):
         else:
             self.tokenizer = train_tokenizer([texts[n] for n in self.splits["train"]], cfg.vocab_size)
             self.hf_tokenizer = hf.wordpiece_as_pretrained(self.tokenizer)
-        self._ids = {n: self.tokenizer.encode(texts[n], add_special_tokens=False).ids for n in texts}
+        self._ids = encode_documents(self.tokenizer, texts)
 
     def _load_corpus(self, cfg: MLMConfig) -> None:
         self.corpus, self.tokenizer, self.hf_tokenizer = tokenize_corpus(cfg)
