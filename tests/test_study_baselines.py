@@ -141,7 +141,12 @@ def test_news_pretraining_never_reads_a_finetuning_validation_or_test_article():
     assert len(ft["train"] & (ft["test"] | ft["validation"])) > 0  # (the fine-tuning split itself has copies)
 
 
-def test_corpus_option_is_checked():
+def test_corpus_option_is_checked(capsys):
+    from largebatch.cli.main import main
+
+    assert main(["study", "mlm-news", "--data", "x.txt"]) == 2  # the suite is defined by its corpus
+    assert "Invalid --data for suite 'mlm-news' (allowed: a suite of the mlm task: mlm-scaling | smoke)" \
+        in capsys.readouterr().err
     from largebatch.tasks import check_task_options
 
     with pytest.raises(ValueError, match=r"^Invalid corpus: 'news' \(allowed: shakespeare \| bbc-news\)$"):

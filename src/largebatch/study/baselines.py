@@ -146,9 +146,11 @@ def mlm_bigram(train_chunks, eval_sets: dict, vocab_size: int, special_ids, unig
     tables = bigram_tables(train_chunks, vocab_size, special)
     acc: dict[str, dict[str, float]] = {}
     seen: dict[str, float] = {}
+    masked: dict[str, int] = {}
     for split, (inputs, labels) in eval_sets.items():
         inputs, labels = np.asarray(inputs, dtype=np.int64), np.asarray(labels, dtype=np.int64)
         rows, cols = np.nonzero(labels != -100)
+        masked[split] = int(len(rows))
         keys = context_keys(*neighbours(inputs, rows, cols), vocab_size)
         targets = labels[rows, cols]
         for kind in BIGRAM_CONTEXTS:
@@ -158,7 +160,7 @@ def mlm_bigram(train_chunks, eval_sets: dict, vocab_size: int, special_ids, unig
             seen = {kind: float(np.isin(keys[kind], tables[kind][0]).mean()) for kind in BIGRAM_CONTEXTS}
     chosen = max(BIGRAM_CONTEXTS, key=lambda k: (acc[k]["validation"], -BIGRAM_CONTEXTS.index(k)))
     return {"context": chosen, "test_accuracy": acc[chosen]["test"], "validation_accuracy": acc[chosen]["validation"],
-            "accuracy_by_context": acc, "test_context_seen": seen,
+            "accuracy_by_context": acc, "test_context_seen": seen, "masked_tokens": masked,
             "contexts_counted": {k: int(len(t[0])) for k, t in tables.items()}}
 
 

@@ -291,7 +291,8 @@ class SuiteRunner:
             return found
         from .baselines import mlm_task_bigram
 
-        found["bigram"] = mlm_task_bigram(self._task({**self.suite.task_options, "seed": 0}))
+        options = {**self.suite.task_options, "seed": 0}
+        found["bigram"] = {**mlm_task_bigram(self._task(options)), "task_options": options}
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / BASELINES_FILE).write_text(json.dumps(found, indent=2))
         return found
