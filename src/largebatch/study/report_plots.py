@@ -53,6 +53,15 @@ def _batch_colors(batches: list[int]):
     return {b: cmap(0.85 * i / n) for i, b in enumerate(sorted(batches))}
 
 
+def _margin_around(ax, levels: list[float], frac: float = 0.05) -> None:
+    """Widen the y range so that horizontal baseline lines at ``levels`` are not drawn on the frame."""
+    if not levels:
+        return
+    lo, hi = ax.get_ylim()
+    pad = frac * (max(hi, *levels) - min(lo, *levels))
+    ax.set_ylim(min(lo, min(levels) - pad), max(hi, max(levels) + pad))
+
+
 def metric_vs_batch(out: Path, table: dict, metric: str, bn_table: dict | None = None,
                     bigram: dict | None = None) -> str:
     plt = _plt()
@@ -70,6 +79,7 @@ def metric_vs_batch(out: Path, table: dict, metric: str, bn_table: dict | None =
         ax.axhline(uni, ls=":", color="grey", label="unigram baseline")
     if bigram and finite(bigram.get("test_accuracy")):
         ax.axhline(bigram["test_accuracy"], ls="-.", color="dimgrey", label=f"bigram baseline ({bigram['context']})")
+    _margin_around(ax, [v for v in (uni, (bigram or {}).get("test_accuracy")) if finite(v)])
     ax.set(xscale="log", xlabel="effective batch (log)", ylabel=f"test {metric}",
            title="final quality vs batch (mean ± half-range over seeds)")
     _batch_ticks(ax, [b for row in table.values() for b in row])
