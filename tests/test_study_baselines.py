@@ -138,7 +138,31 @@ def test_news_pretraining_never_reads_a_finetuning_validation_or_test_article():
     assert article_name(7) == "bbc-news-0007"
     assert not pre["train"] & (ft["test"] | ft["validation"])  # the collection's duplicates included
     assert pre["test"] == ft["test"] and pre["validation"] == ft["validation"] and pre["train"] <= ft["train"]
-    assert len(ft["train"] & (ft["test"] | ft["validation"])) > 0  # (the fine-tuning split itself has copies)
+    assert len(ft["train"] & (ft["test"] | ft["validation"])) > 0  # (the seeded split itself has copies)
+
+
+def test_finetuning_leaves_the_held_out_articles_copies_out_of_training():
+    """The classify task drops the training articles that are verbatim copies of a validation or test article
+    (the collection's duplicates); ``drop_train_copies=False`` keeps the raw seeded split."""
+    from largebatch.tasks import DataMissingError
+    from largebatch.tasks.bbcnews import normalise, without_copies
+    from largebatch.tasks.classify import ClassifyConfig, load_bbc_news, seeded_split
+
+    try:
+        texts, _, _ = load_bbc_news()
+    except DataMissingError as exc:
+        pytest.skip(str(exc))
+    split = seeded_split(len(texts), ClassifyConfig())
+    kept = without_copies(texts, split)
+    held = {normalise(texts[i]) for s in ("validation", "test") for i in split[s].tolist()}
+    dropped = set(split["train"].tolist()) - set(kept.tolist())
+    assert kept.tolist() == [i for i in split["train"].tolist() if i not in dropped]  # order kept
+    assert dropped and all(normalise(texts[i]) in held for i in dropped)
+    assert not {normalise(texts[i]) for i in kept.tolist()} & held
+    assert ClassifyConfig().drop_train_copies is True
+    from largebatch.tasks.classify import ClassifyTask
+
+    assert ClassifyTask(seq_len=8).train_size == len(kept)  # the task uses it by default
 
 
 def test_corpus_option_is_checked(capsys):

@@ -8,7 +8,8 @@ validated and tested on (docs/study.md, "Pre-training on the downstream domain")
 
 The collection holds duplicates: 2,225 files, 2,127 distinct texts (2,124 once case and whitespace are
 ignored); under the seeded split 26 test and 11 validation articles have a verbatim copy among the training
-articles. ``pretraining_split`` leaves those copies out of pre-training.
+articles. ``pretraining_split`` leaves those copies out of pre-training, and the ``classify`` task out of
+fine-tuning (its ``drop_train_copies``, on by default).
 """
 from __future__ import annotations
 
@@ -50,13 +51,19 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def without_copies(texts: list[str], split: dict[str, Tensor]) -> Tensor:
+    """The split's training rows, in order, less every row whose text is also a validation or test row's
+    (``normalise``)."""
+    held = {normalise(texts[i]) for s in ("validation", "test") for i in split[s].tolist()}
+    return torch.tensor([i for i in split["train"].tolist() if normalise(texts[i]) not in held], dtype=torch.long)
+
+
 def pretraining_split(texts: list[str]) -> dict[str, list[int]]:
     """The seeded split's article indices (sorted) for pre-training: validation and test as in fine-tuning,
-    training without any article whose text is also a validation or test article's (``normalise``)."""
-    split = {s: sorted(idx.tolist()) for s, idx in seeded_split(len(texts)).items()}
-    held = {normalise(texts[i]) for s in ("validation", "test") for i in split[s]}
-    split["train"] = [i for i in split["train"] if normalise(texts[i]) not in held]
-    return split
+    training without any article whose text is also a validation or test article's (``without_copies``)."""
+    split = seeded_split(len(texts))
+    split["train"] = without_copies(texts, split)
+    return {s: sorted(idx.tolist()) for s, idx in split.items()}
 
 
 def seeded_split(n: int, test_fraction: float = TEST_FRACTION,

@@ -74,6 +74,9 @@ class ClassifyConfig:
     text_field: str = "text"
     label_field: str = "label"
     model: str | None = None           # a local HF model folder (with its tokenizer)
+    # seeded split only: leave out of training every row whose text (case and whitespace ignored) is also a
+    # validation or test row's; BBC News holds verbatim copies (bbcnews.py) that otherwise leak into the test
+    drop_train_copies: bool = True
 
 
 class ClassifyTask(Task):
@@ -96,6 +99,8 @@ class ClassifyTask(Task):
             labels = torch.cat([labels, eval_labels])
         else:
             split_idx = seeded_split(len(texts), cfg)
+            if cfg.drop_train_copies:
+                split_idx["train"] = bbcnews.without_copies(texts, split_idx)
         if cfg.limit_train:
             split_idx["train"] = split_idx["train"][: cfg.limit_train]
         self.data = {k: (ids[v], labels[v], mask[v]) for k, v in split_idx.items()}
