@@ -188,11 +188,14 @@ class TrustRatioOptimizer(Optimizer):
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Stock format. Everything is checked first (:mod:`largebatch.optim.state_checks`), then loaded
-        all or nothing: a ValueError/TypeError names what is wrong and leaves the optimizer as it was."""
+        all or nothing: a ValueError/TypeError names what is wrong and leaves the optimizer as it was.
+        ``sync_free`` keeps this optimizer's value (a checkpoint written on a GPU loads on a CPU and back)."""
         kind = type(self).__name__
         params = [p for g in self.param_groups for p in g["params"]]
         saved_groups, saved_ids, saved_state = state_checks.check_layout(state_dict, len(self.param_groups),
                                                                          len(params))
+        # sync_free describes the machine, not the run: this optimizer's value, whatever the writer's was
+        saved_groups = [{**g, "sync_free": self.defaults["sync_free"]} for g in saved_groups]
         groups = state_checks.filled_groups(saved_groups, self.param_groups, self.defaults, self._signature_keys,
                                             kind, self._validate_group)
         owner = [g for g in groups for _ in g["params"]]
