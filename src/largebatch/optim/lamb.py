@@ -18,7 +18,7 @@ from torch.optim.optimizer import ParamsT
 
 from . import kernel, masked_writes
 from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
-from .trust_ratio import masked, stacked_norms, tensor_norm, trust_ratio
+from .trust_ratio import masked, norm_dtype, stacked_norms, tensor_norm, trust_ratio
 
 BIAS_CORRECTION_CHOICES = ("inside", "step_size", "none")
 WEIGHT_DECAY_MODE_CHOICES = ("decoupled", "l2", "decoupled_outside")
@@ -305,8 +305,11 @@ def multi_tensor_lamb(xs, grads, ms, vs, coefs: Tensor, trust: Tensor, h: LambHy
     ``on_device`` (sync-free): the coefficients are used as 0-dim tensors where they are, never read on the
     host; ``ok`` (a 0-dim bool there): every write of m, v and x is masked by it (:mod:`.masked_writes`).
     """
-    cols = coefs.unbind(1)
-    a_m, b_m, a_v, b_v, _ = ([list(c.unbind(0)) for c in cols] if on_device else [c.tolist() for c in cols])
+    if on_device:  # in the dtype torch computes a Python scalar in (a float64 0-dim tensor would promote a
+        # 0-dim float32 tensor to float64; rounded once, as the scalar would be)
+        a_m, b_m, a_v, b_v, _ = (list(c.unbind(0)) for c in coefs.to(norm_dtype(xs[0].dtype)).unbind(1))
+    else:
+        a_m, b_m, a_v, b_v, _ = (c.tolist() for c in coefs.unbind(1))
     gs = grads
     if clip is not None:
         gs = torch._foreach_mul(gs, clip.to(xs[0].device, xs[0].dtype))
@@ -314,12 +317,14 @@ def multi_tensor_lamb(xs, grads, ms, vs, coefs: Tensor, trust: Tensor, h: LambHy
         gs = torch._foreach_add(gs, xs, alpha=h.l2)
     masked_writes.mul_add_(ms, h.beta1, gs, h.beta3, ok)
     masked_writes.mul_addcmul_(vs, h.beta2, gs, gs, 1.0 - h.beta2, ok)
-    u = torch._foreach_mul(ms, a_m)
+    times = masked_writes.times if on_device else torch._foreach_mul
+    u = times(ms, a_m)
     if h.nesterov is not None:
-        torch._foreach_add_(u, torch._foreach_mul(gs, b_m))
-    denom = torch._foreach_mul(vs, a_v)
-    if h.nesterov == "nn-lamb" and on_device:  # (b_v·g)·g is addcmul's value·g·g, in its order
-        torch._foreach_addcmul_(denom, torch._foreach_mul(gs, b_v), gs)
+        torch._foreach_add_(u, times(gs, b_m))
+    denom = times(vs, a_v)
+    if h.nesterov == "nn-lamb" and on_device:  # (b_v·g)·g is addcmul's value·g·g, in its order and precision
+        wide = [g.to(norm_dtype(g.dtype)) for g in gs] if gs[0].dtype != norm_dtype(gs[0].dtype) else gs
+        torch._foreach_addcmul_(denom, torch._foreach_mul(wide, b_v), gs)
     elif h.nesterov == "nn-lamb":
         torch._foreach_addcmul_(denom, gs, gs, b_v)
     if h.eps_inside_sqrt:
