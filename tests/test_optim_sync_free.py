@@ -339,3 +339,23 @@ def test_on_cpu_the_default_is_the_host_path_and_the_kernel_is_untouched(cls):
     opt.step()
     assert opt._resolve_sync_free() is False and opt.state[p]["step"].device.type == "cpu"
     assert opt._skipped_on_device is None
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+@pytest.mark.parametrize("case", CASES)
+def test_on_a_device_without_data_the_default_step_is_the_sync_free_one(case, nonfinite):
+    """The meta device stands in for an accelerator: its tensors have no values, so any read on the host
+    raises. With the defaults (sync_free=None) every preset and variant steps there; the host path cannot."""
+    name, flags = CASES[case]
+    model = Net().to("meta")
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt = largebatch.create_optimizer(name, model, **{"lr": 0.02, **flags, "nonfinite": nonfinite})
+    for _ in range(2):
+        opt.step()
+    assert all(s["step"].device.type == "meta" for s in opt.state.values())
+    host = largebatch.create_optimizer(name, model, **{"lr": 0.02, **flags, "nonfinite": nonfinite,
+                                                       "sync_free": False})
+    if nonfinite == "skip":  # the host path reads the finite flag
+        with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+            host.step()
