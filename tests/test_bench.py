@@ -18,7 +18,7 @@ def test_bench_tiny_writes_table_json_and_plot(tmp_path):
     pairs = {(p["optimizer"], p["versus"]): p for p in data["sets"][0]["pairs"]}
     assert set(pairs) == {("largebatch Lamb", "largebatch Lamb (propagate)"),
                           ("largebatch Lars", "largebatch Lars (propagate)"),
-                          ("largebatch Lamb (foreach, sync-free)", "largebatch Lamb (foreach)")}
+                          ("largebatch Lamb (sync-free)", "largebatch Lamb (foreach)")}
     for p in pairs.values():
         assert p["ratio_median"] > 0 and p["ratio_min"] > 0 and p["ratio_per_round_median"] > 0
     assert "| tiny | largebatch Lamb | largebatch Lamb (propagate) |" in (tmp_path / "results.md").read_text()

@@ -45,7 +45,7 @@ def optimizer_factories(wd: float = 0.01, lr: float = 1e-3):
         "largebatch Lars (propagate)": (lambda ps: largebatch.Lars(ps, lr=lr, weight_decay=wd, momentum=0.9,
                                                                    nonfinite="propagate"), None),
         # the accelerator's sync-free skip (masked writes) run on the CPU, beside the foreach row
-        "largebatch Lamb (foreach, sync-free)": (lambda ps: largebatch.Lamb(ps, lr=lr, weight_decay=wd, foreach=True,
+        "largebatch Lamb (sync-free)": (lambda ps: largebatch.Lamb(ps, lr=lr, weight_decay=wd, foreach=True,
                                                                             fused=False, sync_free=True), None),
     }
 

@@ -55,8 +55,9 @@ def _pairs_table(sets: list[dict]) -> list[str]:
     rows = [(s["set"], p) for s in sets for p in s.get("pairs", [])]
     if not rows:
         return []
-    lines = table_head("Variant ÷ variant, same tensors, same rounds (the non-finite check's cost)",
-                       ["set", "optimizer", "÷", "median ÷ median", "min ÷ min", "median of per-round ratios"])
+    lines = ["\n## Variant ÷ variant, same tensors, same rounds (the non-finite check's cost)\n",
+             "| set | optimizer | ÷ | median ÷ median | min ÷ min | median of per-round ratios |",
+             "|---|---|---|---:|---:|---:|"]
     for name, p in rows:
         lines.append(f"| {name} | {p['optimizer']} | {p['versus']} | {p['ratio_median']:.3f} | {p['ratio_min']:.3f} "
                      f"| {p['ratio_per_round_median']:.3f} |")
