@@ -15,6 +15,13 @@ def test_bench_tiny_writes_table_json_and_plot(tmp_path):
     for name in ("largebatch Lamb", "largebatch Lars", "largebatch Lamb (foreach)"):
         assert rows[name]["median_ms"] > 0 and rows[name]["ratio_to_fused_adamw"] > 0
         assert 0 < rows[name]["min_ms"] <= rows[name]["median_ms"] and rows[name]["ratio_min_to_fused_adamw"] > 0
+    pairs = {(p["optimizer"], p["versus"]): p for p in data["sets"][0]["pairs"]}
+    assert set(pairs) == {("largebatch Lamb", "largebatch Lamb (propagate)"),
+                          ("largebatch Lars", "largebatch Lars (propagate)"),
+                          ("largebatch Lamb (sync-free)", "largebatch Lamb (foreach)")}
+    for p in pairs.values():
+        assert p["ratio_median"] > 0 and p["ratio_min"] > 0 and p["ratio_per_round_median"] > 0
+    assert "| tiny | largebatch Lamb | largebatch Lamb (propagate) |" in (tmp_path / "results.md").read_text()
     for r in rows.values():  # every peer is either measured or says why not
         assert r.get("median_ms") is not None or r["error"]
     assert data["environment"]["bandwidth_gbs"] > 0

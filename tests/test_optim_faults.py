@@ -341,10 +341,10 @@ _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allo
                                                               "inside", "n-lamb", "clamp_norm", "identity"]))
 _LAMB_ARGS = ["lr", "betas", "eps", "weight_decay", "bias_correction", "weight_decay_mode", "trust_ratio", "phi",
               "phi_min", "phi_max", "max_grad_norm", "eps_inside_sqrt", "grad_averaging", "nesterov",
-              "master_weights", "foreach", "fused", "nonfinite"]
+              "master_weights", "foreach", "fused", "nonfinite", "sync_free"]
 _LARS_ARGS = ["lr", "momentum", "weight_decay", "mode", "trust_coefficient", "larc_clip", "eps", "nesterov",
               "grad_averaging", "trust_ratio", "phi", "phi_min", "phi_max", "max_grad_norm", "master_weights",
-              "foreach", "fused", "nonfinite"]
+              "foreach", "fused", "nonfinite", "sync_free"]
 
 
 @settings(max_examples=300, deadline=None)

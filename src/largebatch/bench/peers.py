@@ -39,6 +39,14 @@ def optimizer_factories(wd: float = 0.01, lr: float = 1e-3):
         "largebatch Lamb": (lambda ps: largebatch.Lamb(ps, lr=lr, weight_decay=wd), None),
         "largebatch Lamb (foreach)": (lambda ps: largebatch.Lamb(ps, lr=lr, weight_decay=wd, foreach=True, fused=False), None),
         "largebatch Lars": (lambda ps: largebatch.Lars(ps, lr=lr, weight_decay=wd, momentum=0.9), None),
+        # the non-finite check's cost: the same steps unchecked (docs/algorithms.md, "Non-finite gradients")
+        "largebatch Lamb (propagate)": (lambda ps: largebatch.Lamb(ps, lr=lr, weight_decay=wd, nonfinite="propagate"),
+                                        None),
+        "largebatch Lars (propagate)": (lambda ps: largebatch.Lars(ps, lr=lr, weight_decay=wd, momentum=0.9,
+                                                                   nonfinite="propagate"), None),
+        # the accelerator's sync-free skip (masked writes) run on the CPU, beside the foreach row
+        "largebatch Lamb (sync-free)": (lambda ps: largebatch.Lamb(ps, lr=lr, weight_decay=wd, foreach=True,
+                                                                            fused=False, sync_free=True), None),
     }
 
     def add(name, package, subdir, module, attr, **kw):

@@ -42,11 +42,26 @@ def markdown(summary: dict) -> str:
                          f"{r['ratio_to_fused_adamw']:.2f} | {_fmt(r.get('min_ms'), '.1f')} | "
                          f"{_fmt(r.get('ratio_min_to_fused_adamw'), '.2f')} | {r['ratio_to_bandwidth_floor']:.2f} | "
                          f"{_fmt(r['peak_extra_mib'], '.1f')} | {_fmt(r['peak_extra_vs_largest_tensor'], '.2f')} |")
+    lines += _pairs_table(summary["sets"])
     text = "\n".join(lines) + "\n"
     prof = summary.get("profile") or {}
     if prof.get("sets"):
         text += profile_markdown(prof["sets"], prof.get("compute") or {}, env["bandwidth_gbs"])
     return text
+
+
+def _pairs_table(sets: list[dict]) -> list[str]:
+    """Step time of one variant ÷ another's in the same run (the non-finite check's cost), when measured."""
+    rows = [(s["set"], p) for s in sets for p in s.get("pairs", [])]
+    if not rows:
+        return []
+    lines = ["\n## Variant ÷ variant, same tensors, same rounds (the non-finite check's cost)\n",
+             "| set | optimizer | ÷ | median ÷ median | min ÷ min | median of per-round ratios |",
+             "|---|---|---|---:|---:|---:|"]
+    for name, p in rows:
+        lines.append(f"| {name} | {p['optimizer']} | {p['versus']} | {p['ratio_median']:.3f} | {p['ratio_min']:.3f} "
+                     f"| {p['ratio_per_round_median']:.3f} |")
+    return lines
 
 
 def plot(summary: dict, out: Path) -> Path:

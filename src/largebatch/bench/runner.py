@@ -85,6 +85,26 @@ def bench_set(shapes, factories: dict, *, steps: int, warmup: int, memory: bool 
     return results
 
 
+#: (checked, unchecked or other variant) pairs whose step-time ratio the report gives: the non-finite check's
+#: cost (``nonfinite="skip"`` vs ``"propagate"``) and the sync-free skip's masked writes vs the foreach step
+PAIRS = (("largebatch Lamb", "largebatch Lamb (propagate)"), ("largebatch Lars", "largebatch Lars (propagate)"),
+         ("largebatch Lamb (sync-free)", "largebatch Lamb (foreach)"))
+
+
+def pair_ratios(results: dict) -> list[dict]:
+    """For each pair of :data:`PAIRS` measured in this run: median ÷ median, min ÷ min and the median of the
+    per-round ratios (both steps of a round ran back to back in the same machine state)."""
+    out = []
+    for a, b in PAIRS:
+        ra, rb = results.get(a), results.get(b)
+        if ra is None or rb is None or not ra.times or len(ra.times) != len(rb.times):
+            continue
+        out.append({"optimizer": a, "versus": b, "ratio_median": ra.median / rb.median,
+                    "ratio_min": min(ra.times) / min(rb.times),
+                    "ratio_per_round_median": statistics.median(x / y for x, y in zip(ra.times, rb.times))})
+    return out
+
+
 def summarise(set_name: str, shapes, results: dict, bandwidth: float) -> dict:
     n_params = sum(numel(s) for s in shapes)
     largest = max(numel(s) for s in shapes) * 4
@@ -109,4 +129,5 @@ def summarise(set_name: str, shapes, results: dict, bandwidth: float) -> dict:
             })
         rows.append(row)
     return {"set": set_name, "tensors": len(shapes), "params_millions": n_params / 1e6,
-            "largest_tensor_mib": largest / 2**20, "bandwidth_floor_ms": floor_s * 1e3, "rows": rows}
+            "largest_tensor_mib": largest / 2**20, "bandwidth_floor_ms": floor_s * 1e3, "rows": rows,
+            "pairs": pair_ratios(results)}

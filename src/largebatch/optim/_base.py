@@ -19,6 +19,9 @@ from .trust_ratio import PHI_CHOICES, TRUST_RATIO_CHOICES, norm_dtype, trust_mas
 
 #: what step() does when a gradient holds NaN or ±inf (docs/algorithms.md, "Non-finite gradients")
 NONFINITE_CHOICES = ("skip", "raise", "propagate")
+#: ``sync_free``: the step's counters, coefficients and skip decision stay on the device (no host read);
+#: None: on when the gradients are on an accelerator (not the CPU) and no group sets foreach=False
+SYNC_FREE_CHOICES = (None, True, False)
 #: the foreach (multi-tensor, GPU) paths hold about two temporaries the size of the tensors they update
 #: (LAMB: u and its denominator); they run over buckets of tensors of at most this many elements in all
 #: (or one tensor, if larger), so a 1 B-parameter model needs 2 × 256 MiB of fp32 temporaries, not 8 GB.
@@ -113,7 +116,13 @@ class TrustRatioOptimizer(Optimizer):
         self._warned: set[str] = set()
         self._scratch_buffers: dict[torch.dtype, Tensor] = {}
         self._step_buffers: dict[int, Tensor] = {}  # see _advance_steps
-        self.last_step_skipped = False  # the last step() met a non-finite gradient and updated nothing
+        self._last_skipped = False  # the last step() met a non-finite gradient and updated nothing
+        self._last_ok: Tensor | None = None  # ... or, sync-free, the device flag saying it stepped
+        self._skipped_on_device: Tensor | None = None  # sync-free skips not yet folded into param_groups
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickling/deepcopy keep only torch.optim's three entries: fold the device count into the groups
+        return {**super().__getstate__(), "param_groups": self._groups_with_skips()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -147,6 +156,14 @@ class TrustRatioOptimizer(Optimizer):
             raise invalid("nonfinite", group["nonfinite"],
                           f"only the optimizer-wide value {self.defaults['nonfinite']!r} in every param group "
                           "(a skipped step skips every group)")
+        check_choice("sync_free", group["sync_free"], SYNC_FREE_CHOICES)
+        if group["sync_free"] != self.defaults["sync_free"]:
+            raise invalid("sync_free", group["sync_free"],
+                          f"only the optimizer-wide value {self.defaults['sync_free']!r} in every param group "
+                          "(one skip decision for every group)")
+        if group["sync_free"] and (group["fused"] or group["foreach"] is False):
+            raise invalid("sync_free", True, "None or False with fused=True or foreach=False (the sync-free step "
+                          "is the multi-tensor path's; the C kernel and the single-tensor loop read on the host)")
         if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
             # NVLAMB pre-normalisation divides by ONE norm over all groups: a per-group value cannot be honoured
             raise invalid("max_grad_norm", group["max_grad_norm"],
@@ -171,11 +188,14 @@ class TrustRatioOptimizer(Optimizer):
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Stock format. Everything is checked first (:mod:`largebatch.optim.state_checks`), then loaded
-        all or nothing: a ValueError/TypeError names what is wrong and leaves the optimizer as it was."""
+        all or nothing: a ValueError/TypeError names what is wrong and leaves the optimizer as it was.
+        ``sync_free`` keeps this optimizer's value (a checkpoint written on a GPU loads on a CPU and back)."""
         kind = type(self).__name__
         params = [p for g in self.param_groups for p in g["params"]]
         saved_groups, saved_ids, saved_state = state_checks.check_layout(state_dict, len(self.param_groups),
                                                                          len(params))
+        # sync_free describes the machine, not the run: this optimizer's value, whatever the writer's was
+        saved_groups = [{**g, "sync_free": self.defaults["sync_free"]} for g in saved_groups]
         groups = state_checks.filled_groups(saved_groups, self.param_groups, self.defaults, self._signature_keys,
                                             kind, self._validate_group)
         owner = [g for g in groups for _ in g["params"]]
@@ -190,6 +210,23 @@ class TrustRatioOptimizer(Optimizer):
         except BaseException:
             self.__setstate__(before)
             raise
+        self._skipped_on_device = None  # the loaded groups hold the whole count
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stock format; ``param_groups[i]["skipped_steps"]`` is a plain int, as before ``sync_free`` existed
+        (a sync-free count on the device is read here: one host sync per call)."""
+        sd = super().state_dict()
+        for saved, group in zip(sd["param_groups"], self._groups_with_skips()):
+            if "skipped_steps" in group:
+                saved["skipped_steps"] = group["skipped_steps"]
+        return sd
+
+    def _groups_with_skips(self) -> list[dict[str, Any]]:
+        """The param groups (new dicts, same values), with the device count of skipped steps added."""
+        if self._skipped_on_device is None:
+            return self.param_groups
+        extra = int(self._skipped_on_device)
+        return [{**g, "skipped_steps": g.get("skipped_steps", 0) + extra} for g in self.param_groups]
 
     def _restore_float32_state(self, saved_state: dict, saved_ids: list, params: list[Tensor]) -> None:
         """torch casts floating state to the parameter's dtype on load; with master weights the masters and
@@ -241,15 +278,44 @@ class TrustRatioOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        clip, finite = self._global_grad_check()
-        # decided before anything is written, so a skipped step leaves params, moments and counters as they
-        # were; reading the flag is free on CPU and one host sync on an accelerator
-        self.last_step_skipped = False
-        if finite is not None and not bool(torch.isfinite(finite)):
-            self._nonfinite_step()
-            return loss
-        self._step_groups(None, clip)
+        sync_free = self._resolve_sync_free()
+        clip, finite = self._global_grad_check(sync_free)
+        self._last_skipped, self._last_ok = False, None
+        if finite is not None and (not sync_free or self.defaults["nonfinite"] == "raise"):
+            # decided on the host before anything is written, so a skipped step leaves params, moments and
+            # counters as they were; free on CPU, one host sync on an accelerator ("raise" must read it)
+            if not bool(torch.isfinite(finite)):
+                self._nonfinite_step()
+                return loss
+            finite = None
+        ok = None
+        if finite is not None:  # sync-free skip: every write is masked by the device flag (masked_writes.py)
+            ok = torch.isfinite(finite)
+            skipped = self._skipped_on_device
+            self._skipped_on_device = (torch.zeros((), dtype=torch.int64, device=ok.device) if skipped is None
+                                       else skipped).add_(ok.logical_not())
+            self._last_ok = ok
+        self._step_groups(None, clip, ok=ok, sync_free=sync_free)
         return loss
+
+    def _resolve_sync_free(self) -> bool:
+        """``sync_free`` as set, or (None) whether the first gradient is on an accelerator and every group
+        may use the multi-tensor path."""
+        flag = self.defaults["sync_free"]
+        if flag is not None:
+            return flag
+        if any(g["foreach"] is False or g["fused"] for g in self.param_groups):
+            return False
+        grad = next((p.grad for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        return grad is not None and grad.device.type != "cpu"
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """The last ``step()`` met a non-finite gradient and updated nothing (sync-free: reads the device flag,
+        one host sync)."""
+        if self._last_ok is not None:
+            return not bool(self._last_ok)
+        return self._last_skipped
 
     @torch.no_grad()
     def step_params(self, params: Sequence[Tensor]) -> None:
@@ -265,15 +331,18 @@ class TrustRatioOptimizer(Optimizer):
         """
         check_subset_step(self.defaults)
         only = {id(p) for p in params}
-        self.last_step_skipped = False
+        self._last_skipped, self._last_ok = False, None
         if self.defaults["nonfinite"] == "raise":
             self._raise_if_nonfinite(only)
-        self._step_groups(only, None)
+        self._step_groups(only, None, sync_free=self._resolve_sync_free())
 
-    def _step_groups(self, only: set[int] | None, clip: Tensor | None) -> None:
-        """``step()``'s updates; ``only``: ids of the parameters to update (None: all)."""
+    def _step_groups(self, only: set[int] | None, clip: Tensor | None, *, ok: Tensor | None = None,
+                     sync_free: bool = False) -> None:
+        """``step()``'s updates; ``only``: ids of the parameters to update (None: all); ``ok``: the sync-free
+        skip flag (0-dim bool on the device), every write masked by it; ``sync_free``: counters and
+        coefficients on the device, the multi-tensor path."""
         for gi, group in enumerate(self.param_groups):
-            indices, params, xs, grads, states = self._collect(group, self._init_state, only)
+            indices, params, xs, grads, states = self._collect(group, self._init_state, only, sync_free)
             if not params:
                 if only is None:
                     self._telemetry.pop(gi, None)
@@ -294,8 +363,9 @@ class TrustRatioOptimizer(Optimizer):
                 # before any ratio is taken, which the per-tensor fused kernel cannot do
                 sharded = any(type(p) not in _PLAIN and getattr(p, "placements", None) is not None for p in sub)
                 trust = trust_mask(group["trust_ratio"], group["weight_decay"], len(idx), bucket_xs[0].device)
+                flag = ok if ok is None or ok.device == bucket_xs[0].device else ok.to(bucket_xs[0].device)
                 rows.append(self._step_group(group, sub, bucket_xs, bucket_grads, bucket_states, clip=clip,
-                                             sharded=sharded, trust=trust))
+                                             sharded=sharded, trust=trust, ok=flag, sync_free=sync_free))
             if len(rows) == 1:
                 norms = rows[0]
             else:  # back to the group's order
@@ -305,14 +375,25 @@ class TrustRatioOptimizer(Optimizer):
                 norms[torch.tensor(order, device=stacked.device)] = stacked
             self._sync_master(params, states)
             names = self._names(gi, group, indices)
+            if ok is not None:  # a skipped step keeps the previous rows (NaN where there were none)
+                norms = self._kept_rows(gi, names, norms, ok)
             if only is None:
                 self._telemetry[gi] = (names, norms)
                 self._partial_telemetry.pop(gi, None)
             else:  # folded into _telemetry when read: one merge per read, not one per tensor stepped
                 self._partial_telemetry.setdefault(gi, {}).update(zip(names, norms.unbind(0)))
 
-    def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust) -> Tensor:
-        """Update one group's tensors; return [n, 3] (‖x‖, ‖u‖, ratio). Subclasses implement it."""
+    def _kept_rows(self, gi: int, names: list[str], norms: Tensor, ok: Tensor) -> Tensor:
+        """``norms`` where ``ok`` is set, else the group's previous telemetry rows (NaN if it has none)."""
+        prev_names, prev = self._telemetry.get(gi, (None, None))
+        if prev is None or prev_names != names or prev.shape != norms.shape or prev.device != norms.device:
+            prev = torch.full_like(norms, math.nan)
+        return torch.where(ok.to(norms.device), norms, prev.to(norms.dtype))
+
+    def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust, ok=None,
+                    sync_free=False) -> Tensor:
+        """Update one group's tensors; return [n, 3] (‖x‖, ‖u‖, ratio). Subclasses implement it: with
+        ``sync_free`` on the multi-tensor path with device coefficients, every write masked by ``ok``."""
         raise NotImplementedError
 
     @staticmethod
@@ -339,14 +420,15 @@ class TrustRatioOptimizer(Optimizer):
             return [names[i] for i in indices]
         return [f"group{gi}.{i}" for i in indices]
 
-    def _global_grad_check(self) -> tuple[Tensor | None, Tensor | None]:
+    def _global_grad_check(self, sync_free: bool = False) -> tuple[Tensor | None, Tensor | None]:
         """(NVLAMB pre-normalisation factor 1/max(1, ‖g‖_global/max_grad_norm) or None, a 0-dim tensor that
         is finite exactly when every gradient is, or None with ``nonfinite="propagate"``), from ONE
         reduction over every gradient of every group (sharded gradients are reduced across ranks).
 
         With ``max_grad_norm`` both come from ‖g‖²_global (a norm that overflows counts as non-finite);
         otherwise from the float64 sum of the max-|g| of each tensor, which cannot overflow; on contiguous
-        CPU float32/float64 gradients that is one call of the C kernel instead.
+        CPU float32/float64 gradients that is one call of the C kernel instead (not with ``sync_free``, whose
+        flag must stay a tensor on the gradients' device).
         """
         max_norm, policy = self.defaults["max_grad_norm"], self.defaults["nonfinite"]
         if max_norm is None and policy == "propagate":
@@ -359,7 +441,7 @@ class TrustRatioOptimizer(Optimizer):
         if any(t.is_sparse for t in grads):
             raise TypeError(f"{type(self).__name__} does not support sparse gradients")
         pg = None if plain else next((sharded_group(t) for t in raw if sharded_group(t) is not None), None)
-        if max_norm is None and pg is None:
+        if max_norm is None and pg is None and not sync_free:
             first = kernel.first_nonfinite(grads) if kernel.available() else None
             if first is not None:
                 return None, torch.tensor(0.0 if first < 0 else math.nan)
@@ -388,12 +470,13 @@ class TrustRatioOptimizer(Optimizer):
             self._raise_if_nonfinite()
         for group in self.param_groups:
             group["skipped_steps"] = group.get("skipped_steps", 0) + 1
-        self.last_step_skipped = True
+        self._last_skipped = True
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for a non-finite gradient (``nonfinite="skip"``); saved in the state_dict."""
-        return max((g.get("skipped_steps", 0) for g in self.param_groups), default=0)
+        """Steps skipped for a non-finite gradient (``nonfinite="skip"``); saved in the state_dict. Sync-free,
+        the count is a tensor on the device, read here (one host sync per call)."""
+        return max((g.get("skipped_steps", 0) for g in self._groups_with_skips()), default=0)
 
     @staticmethod
     def _reduce_sq_norms(sq: Tensor, params: list[Tensor]) -> Tensor:
@@ -458,7 +541,7 @@ class TrustRatioOptimizer(Optimizer):
         return True
 
     def _collect(self, group: dict[str, Any], init_state: Callable[[Tensor, dict], None],
-                 only: set[int] | None = None):
+                 only: set[int] | None = None, sync_free: bool = False):
         """Params with a gradient (and an id in ``only``, unless None), their compute tensors (fp32 master or
         local shard) and states.
 
@@ -478,7 +561,8 @@ class TrustRatioOptimizer(Optimizer):
             if len(state) == 0:
                 # state tensors are created like the parameter: DTensors for FSDP2 parameters, so that
                 # distributed checkpoints can reshard them; the maths runs on their local shards
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # sync-free: on the parameter's device, as torch.optim's capturable Adam keeps it
+                state["step"] = torch.zeros((), dtype=torch.float32, device=grad.device if sync_free else "cpu")
                 if group["master_weights"] and p.dtype in _LOW_PRECISION:
                     state["master_param"] = p.detach().float().clone()
                 init_state(state.get("master_param", p.detach()), state)
@@ -503,8 +587,11 @@ class TrustRatioOptimizer(Optimizer):
             if master is not None:
                 local_tensor(p).copy_(local_tensor(master))
 
-    def _advance_steps(self, states: list[dict]) -> Tensor:
+    def _advance_steps(self, states: list[dict], ok: Tensor | None = None, sync_free: bool = False) -> Tensor:
         """Increment every per-parameter step counter and return them as one float64 tensor.
+
+        Sync-free, the counters live on the tensors' device and are incremented by the skip flag ``ok``
+        (unchanged on a skipped step), so the coefficients computed from them stay on the device too.
 
         The counters ``state["step"]`` stay ordinary 0-dim float32 tensors (as in torch.optim), but
         views into one buffer per bucket, so the increment is one op: ``torch._foreach_add_`` over
@@ -516,15 +603,24 @@ class TrustRatioOptimizer(Optimizer):
         steps = [s["step"] for s in states]
         key = id(states[0])
         buf = self._step_buffers.get(key)
-        if buf is None or len(buf) != len(steps) or not _are_views(steps, buf):
-            buf = torch.stack([torch.as_tensor(t).detach().to(device="cpu", dtype=torch.float32) for t in steps])
+        device = _step_device(states) if sync_free else torch.device("cpu")
+        if buf is None or len(buf) != len(steps) or buf.device != device or not _are_views(steps, buf):
+            buf = torch.stack([torch.as_tensor(t).detach().to(device=device, dtype=torch.float32) for t in steps])
             for i, state in enumerate(states):
                 state["step"] = buf[i]
             if len(self._step_buffers) >= 64:  # parameter sets come and go: keep the cache small
                 self._step_buffers.clear()
             self._step_buffers[key] = buf
-        buf.add_(1.0)
+        buf.add_(1.0 if ok is None else ok)
         return buf.double()
+
+
+def _step_device(states: list[dict]) -> torch.device:
+    """Where a sync-free bucket's counters live: with its moments (any state tensor but ``step``)."""
+    for key, value in states[0].items():
+        if key != "step" and isinstance(value, Tensor):
+            return local_tensor(value).device
+    return torch.device("cpu")
 
 
 def _sum_over(grads: list[Tensor], *, squared: bool) -> Tensor:

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import kernel
+from . import kernel, masked_writes
 from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
-from .trust_ratio import masked, stacked_norms, tensor_norm, trust_ratio
+from .trust_ratio import masked, norm_dtype, stacked_norms, tensor_norm, trust_ratio
 
 BIAS_CORRECTION_CHOICES = ("inside", "step_size", "none")
 WEIGHT_DECAY_MODE_CHOICES = ("decoupled", "l2", "decoupled_outside")
@@ -156,6 +156,18 @@ class Lamb(TrustRatioOptimizer):
             skipped step is what mixed-precision loss scaling already does with overflowing steps and
             costs one read of the gradients (none with ``max_grad_norm``, whose global norm decides it).
             See docs/algorithms.md, "Non-finite gradients".
+        sync_free: ``step()`` reads nothing from the device on the host (``None``, default: on when the
+            gradients are on an accelerator and no group sets ``foreach=False``; ``True`` forces it, also on
+            CPU, where it only costs; ``False``: off). The step counters are tensors on the parameters'
+            device incremented by the finite flag, the bias-correction coefficients are computed there, and
+            with ``nonfinite="skip"`` every write of the step is masked by that flag (``torch.where``), so a
+            skipped step leaves parameters, moments and counters bit for bit as they were without a host
+            sync; :attr:`skipped_steps`, :attr:`last_step_skipped` and :meth:`state_dict` read the device
+            count when asked (one sync each). Multi-tensor path only (not with ``fused=True`` or
+            ``foreach=False``). Still read on the host: ``nonfinite="raise"`` (it must decide whether to
+            raise), a tensor ``lr`` (``float(lr)`` every step: pass a Python float). With finite gradients
+            the results are those of the ordinary ``foreach`` path, bit for bit (tested on CPU). A skipped
+            step's telemetry rows are the previous step's; a skipped first step creates the zero state.
 
     ``step()`` never modifies ``p.grad``. Per-tensor ‖x‖, ‖u‖ and ratio of the last step:
     :meth:`telemetry`.
@@ -170,7 +182,8 @@ class Lamb(TrustRatioOptimizer):
                  phi_min: float | None = None, phi_max: float | None = None,
                  max_grad_norm: float | None = None, eps_inside_sqrt: bool = False,
                  grad_averaging: bool = True, nesterov: str | None = None, master_weights: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "skip"):
+                 foreach: bool | None = None, fused: bool | None = None, nonfinite: str = "skip",
+                 sync_free: bool | None = None):
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_inclusive=False)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -178,7 +191,7 @@ class Lamb(TrustRatioOptimizer):
                         trust_ratio=trust_ratio, phi=phi, phi_min=phi_min, phi_max=phi_max,
                         max_grad_norm=max_grad_norm, eps_inside_sqrt=eps_inside_sqrt,
                         grad_averaging=grad_averaging, nesterov=nesterov, master_weights=master_weights,
-                        foreach=foreach, fused=fused, nonfinite=nonfinite)
+                        foreach=foreach, fused=fused, nonfinite=nonfinite, sync_free=sync_free)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -203,11 +216,17 @@ class Lamb(TrustRatioOptimizer):
         state["exp_avg"] = torch.zeros_like(x, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(x, memory_format=torch.preserve_format)
 
-    def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust):
+    def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust, ok=None, sync_free=False):
         ms = [local_tensor(s["exp_avg"]) for s in states]
         vs = [local_tensor(s["exp_avg_sq"]) for s in states]
         h = LambHyper.from_group(group)
-        coefs = lamb_coefficients(self._advance_steps(states), h)
+        coefs = lamb_coefficients(self._advance_steps(states, ok, sync_free), h)
+        if sync_free:
+            reduce_sq = (lambda sq: self._reduce_sq_norms(sq, params)) if sharded else None
+            if sharded:
+                return multi_tensor_lamb(xs, grads, ms, vs, coefs, trust, h, clip, reduce_sq, ok=ok, on_device=True)
+            return run_in_buckets(multi_tensor_lamb, [xs, grads, ms, vs], [coefs, trust], h, clip, None, ok=ok,
+                                  on_device=True)
         impl = self._choose_impl(group, [xs, grads, ms, vs],
                                  not sharded and self._kernel_eligible(group, xs, grads, ms, vs))
         if impl == "fused":
@@ -280,23 +299,33 @@ def single_tensor_lamb(xs, grads, ms, vs, coefs: Tensor, trust: Tensor, h: LambH
 
 
 def multi_tensor_lamb(xs, grads, ms, vs, coefs: Tensor, trust: Tensor, h: LambHyper, clip: Tensor | None,
-                      reduce_sq=None) -> Tensor:
-    """Multi-tensor path (torch._foreach_*): the same maths, a handful of kernel launches per group."""
-    a_m, b_m, a_v, b_v, scale = (c.tolist() for c in coefs.unbind(1))
+                      reduce_sq=None, *, ok: Tensor | None = None, on_device: bool = False) -> Tensor:
+    """Multi-tensor path (torch._foreach_*): the same maths, a handful of kernel launches per group.
+
+    ``on_device`` (sync-free): the coefficients are used as 0-dim tensors where they are, never read on the
+    host; ``ok`` (a 0-dim bool there): every write of m, v and x is masked by it (:mod:`.masked_writes`).
+    """
+    if on_device:  # in the dtype torch computes a Python scalar in (a float64 0-dim tensor would promote a
+        # 0-dim float32 tensor to float64; rounded once, as the scalar would be)
+        a_m, b_m, a_v, b_v, _ = (list(c.unbind(0)) for c in coefs.to(norm_dtype(xs[0].dtype)).unbind(1))
+    else:
+        a_m, b_m, a_v, b_v, _ = (c.tolist() for c in coefs.unbind(1))
     gs = grads
     if clip is not None:
         gs = torch._foreach_mul(gs, clip.to(xs[0].device, xs[0].dtype))
     if h.l2:
         gs = torch._foreach_add(gs, xs, alpha=h.l2)
-    torch._foreach_mul_(ms, h.beta1)
-    torch._foreach_add_(ms, gs, alpha=h.beta3)
-    torch._foreach_mul_(vs, h.beta2)
-    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - h.beta2)
-    u = torch._foreach_mul(ms, a_m)
-    if any(b_m):
-        torch._foreach_add_(u, torch._foreach_mul(gs, b_m))
-    denom = torch._foreach_mul(vs, a_v)
-    if any(b_v):
+    masked_writes.mul_add_(ms, h.beta1, gs, h.beta3, ok)
+    masked_writes.mul_addcmul_(vs, h.beta2, gs, gs, 1.0 - h.beta2, ok)
+    times = masked_writes.times if on_device else torch._foreach_mul
+    u = times(ms, a_m)
+    if h.nesterov is not None:
+        torch._foreach_add_(u, times(gs, b_m))
+    denom = times(vs, a_v)
+    if h.nesterov == "nn-lamb" and on_device:  # (b_v·g)·g is addcmul's value·g·g, in its order and precision
+        wide = [g.to(norm_dtype(g.dtype)) for g in gs] if gs[0].dtype != norm_dtype(gs[0].dtype) else gs
+        torch._foreach_addcmul_(denom, torch._foreach_mul(wide, b_v), gs)
+    elif h.nesterov == "nn-lamb":
         torch._foreach_addcmul_(denom, gs, gs, b_v)
     if h.eps_inside_sqrt:
         torch._foreach_add_(denom, h.eps)
@@ -313,9 +342,12 @@ def multi_tensor_lamb(xs, grads, ms, vs, coefs: Tensor, trust: Tensor, h: LambHy
         norms = reduce_sq(torch.stack([xn, un], dim=1).square()).sqrt()
         xn, un = norms[:, 0], norms[:, 1]
     ratio = h.ratios(xn, un, trust)
-    step = ratio.to(xs[0].dtype) * -torch.tensor(scale, dtype=xs[0].dtype, device=ratio.device)
+    scale = coefs[:, 4].to(xs[0].dtype) if on_device else \
+        torch.tensor(coefs[:, 4].tolist(), dtype=xs[0].dtype, device=ratio.device)
+    step = ratio.to(xs[0].dtype) * -scale.to(ratio.device)
     torch._foreach_mul_(u, list(step.unbind(0)))
     if h.decay_out != 1.0:
-        torch._foreach_mul_(xs, h.decay_out)
-    torch._foreach_add_(xs, u)
+        masked_writes.mul_add_(xs, h.decay_out, u, 1.0, ok)
+    else:
+        masked_writes.add_(xs, u, 1.0, ok)
     return torch.stack([xn, un, ratio], dim=1)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import kernel
+from . import kernel, masked_writes
 from ._base import TrustRatioOptimizer, check_choice, check_number, invalid, local_tensor, run_in_buckets
 from .trust_ratio import lars_2017_local_lr, masked, stacked_norms, tensor_norm, trust_ratio
 
@@ -82,8 +82,9 @@ class Lars(TrustRatioOptimizer):
         eps: ε in the 2017 local LR denominator.
         nesterov: paper mode: the direction is β1·m_t + (1−β1)·(g + λx); 2017 mode: Nesterov SGD.
         grad_averaging: paper mode m = β1·m + (1−β1)·d (True) or β1·m + d (False).
-        trust_ratio, phi, phi_min, phi_max, max_grad_norm, master_weights, foreach, fused, nonfinite: as in
-            :class:`largebatch.Lamb` (φ applies to the paper mode).
+        trust_ratio, phi, phi_min, phi_max, max_grad_norm, master_weights, foreach, fused, nonfinite,
+            sync_free: as in :class:`largebatch.Lamb` (φ applies to the paper mode). Sync-free, LARS has no
+            step-dependent coefficient; its counters still advance on the device by the finite flag.
     """
 
     _moment_keys = ("momentum_buffer",)
@@ -95,14 +96,14 @@ class Lars(TrustRatioOptimizer):
                  trust_ratio: bool | str = True, phi: str = "identity", phi_min: float | None = None,
                  phi_max: float | None = None, max_grad_norm: float | None = None,
                  master_weights: bool = False, foreach: bool | None = None, fused: bool | None = None,
-                 nonfinite: str = "skip"):
+                 nonfinite: str = "skip", sync_free: bool | None = None):
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_inclusive=False)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, mode=mode,
                         trust_coefficient=trust_coefficient, larc_clip=larc_clip, eps=eps, nesterov=nesterov,
                         grad_averaging=grad_averaging, trust_ratio=trust_ratio, phi=phi, phi_min=phi_min,
                         phi_max=phi_max, max_grad_norm=max_grad_norm, master_weights=master_weights,
-                        foreach=foreach, fused=fused, nonfinite=nonfinite)
+                        foreach=foreach, fused=fused, nonfinite=nonfinite, sync_free=sync_free)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -122,10 +123,15 @@ class Lars(TrustRatioOptimizer):
     def _init_state(x: Tensor, state: dict) -> None:
         state["momentum_buffer"] = torch.zeros_like(x, memory_format=torch.preserve_format)
 
-    def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust):
-        self._advance_steps(states)
+    def _step_group(self, group, params, xs, grads, states, *, clip, sharded, trust, ok=None, sync_free=False):
+        self._advance_steps(states, ok, sync_free)
         bufs = [local_tensor(s["momentum_buffer"]) for s in states]
         h = LarsHyper.from_group(group)
+        if sync_free:
+            if sharded:
+                return multi_tensor_lars(xs, grads, bufs, trust, h, clip,
+                                         lambda sq: self._reduce_sq_norms(sq, params), ok=ok)
+            return run_in_buckets(multi_tensor_lars, [xs, grads, bufs], [trust], h, clip, None, ok=ok)
         impl = self._choose_impl(group, [xs, grads, bufs],
                                  not sharded and self._kernel_eligible(group, xs, grads, bufs))
         if impl == "fused":
@@ -182,32 +188,30 @@ def single_tensor_lars(xs, grads, bufs, trust: Tensor, h: LarsHyper, clip: Tenso
     return rows
 
 
-def _multi_paper(xs, gs, bufs, trust: Tensor, h: LarsHyper, reduce_sq) -> Tensor:
+def _multi_paper(xs, gs, bufs, trust: Tensor, h: LarsHyper, reduce_sq, ok: Tensor | None) -> Tensor:
     ds = torch._foreach_add(gs, xs, alpha=h.weight_decay) if h.weight_decay != 0 else gs
     xn = stacked_norms(xs)
-    torch._foreach_mul_(bufs, h.momentum)
-    torch._foreach_add_(bufs, ds, alpha=h.beta3)
+    masked_writes.mul_add_(bufs, h.momentum, ds, h.beta3, ok)
     if h.nesterov:
         us = torch._foreach_mul(bufs, h.momentum)
         torch._foreach_add_(us, ds, alpha=h.beta3)
     else:
         us = bufs
     rows = _stacked_rows(xn, stacked_norms(us), trust, h, reduce_sq)
-    torch._foreach_add_(xs, torch._foreach_mul(us, list((rows[:, 2].to(xs[0].dtype) * -h.lr).unbind(0))))
+    masked_writes.add_(xs, torch._foreach_mul(us, list((rows[:, 2].to(xs[0].dtype) * -h.lr).unbind(0))), 1.0, ok)
     return rows
 
 
-def _multi_2017(xs, gs, bufs, trust: Tensor, h: LarsHyper, reduce_sq) -> Tensor:
+def _multi_2017(xs, gs, bufs, trust: Tensor, h: LarsHyper, reduce_sq, ok: Tensor | None) -> Tensor:
     ds = torch._foreach_add(gs, xs, alpha=h.weight_decay) if h.weight_decay != 0 else gs
     rows = _stacked_rows(stacked_norms(xs), stacked_norms(gs), trust, h, reduce_sq)
     ds = torch._foreach_mul(ds, list(rows[:, 2].to(xs[0].dtype).unbind(0)))  # new tensors: grads untouched
-    torch._foreach_mul_(bufs, h.momentum)
-    torch._foreach_add_(bufs, ds)
+    masked_writes.mul_add_(bufs, h.momentum, ds, 1.0, ok)
     if h.nesterov:
         torch._foreach_add_(ds, bufs, alpha=h.momentum)
-        torch._foreach_add_(xs, ds, alpha=-h.lr)
+        masked_writes.add_(xs, ds, -h.lr, ok)
     else:
-        torch._foreach_add_(xs, bufs, alpha=-h.lr)
+        masked_writes.add_(xs, bufs, -h.lr, ok)
     return rows
 
 
@@ -219,7 +223,8 @@ def _stacked_rows(xn: Tensor, un: Tensor, trust: Tensor, h: LarsHyper, reduce_sq
 
 
 def multi_tensor_lars(xs, grads, bufs, trust: Tensor, h: LarsHyper, clip: Tensor | None,
-                      reduce_sq=None) -> Tensor:
-    """Multi-tensor path (torch._foreach_*): the same maths, a handful of kernel launches per group."""
+                      reduce_sq=None, *, ok: Tensor | None = None) -> Tensor:
+    """Multi-tensor path (torch._foreach_*): the same maths, a handful of kernel launches per group;
+    ``ok`` (sync-free skip, a 0-dim bool on the device): every write of the buffers and x masked by it."""
     gs = torch._foreach_mul(grads, clip.to(xs[0].device, xs[0].dtype)) if clip is not None else grads
-    return (_multi_2017 if h.mode_2017 else _multi_paper)(xs, gs, bufs, trust, h, reduce_sq)
+    return (_multi_2017 if h.mode_2017 else _multi_paper)(xs, gs, bufs, trust, h, reduce_sq, ok)
