@@ -127,3 +127,14 @@ def test_tensorboard_scalars_and_a_clear_error_without_the_package(tmp_path, mon
     with pytest.raises(ImportError, match=r"pip install 'largebatch\[tensorboard\]'"):
         train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "other")}))
     assert not (tmp_path / "other").exists()  # nothing started
+
+
+def test_python_dash_m_largebatch_is_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "largebatch", "presets"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "nvlamb" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "largebatch", "train", "--threads", "-1"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
