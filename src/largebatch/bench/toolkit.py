@@ -38,6 +38,11 @@ import torch
 from torch import nn
 
 RUNNERS = ("train (main-job logging)", "train (logging off)", "minimal loop", "HF Trainer")
+#: the config fields that describe the work, recorded with the results
+WORK_FIELDS = ("task", "task_options", "optimizer", "optimizer_options", "batch_size", "micro_batch_size", "lr",
+               "precision", "threads", "seed", "eval_every", "log_every", "trust_every", "checkpoint_every")
+#: issue 15's targets, in samples/s: train ≥ 0.97 × the minimal loop and ≥ 1.0 × the Trainer
+TARGETS = {"minimal loop": 0.97, "HF Trainer": 1.0}
 #: the config fields a ``train (logging off)`` runner turns off
 LOGGING_OFF = dict(eval_every=0, log_every=0, trust_every=0, checkpoint_every=0, progress=False, plot=False,
                    tensorboard=False)
@@ -150,21 +155,25 @@ def run_interleaved(runners: dict[str, Callable[[RoundRobin, str], None]], steps
     return baton.times
 
 
-def check_work(cfg, plan, steps: int) -> None:
-    """What the comparison can run: one phase, one process, a precision all four runners have."""
-    if plan.multi_phase:
-        raise ValueError("Invalid config: a multi-phase run (allowed: one phase; the Trainer has one batch size)")
+def check_config(cfg) -> None:
+    """What the comparison can run (checked before the task is built): one phase, one process, a precision
+    the Trainer has, equal micro-batches."""
+    if cfg.phases:
+        raise ValueError("Invalid phases: a multi-phase run (allowed: one phase; the Trainer has one batch size)")
     if cfg.precision not in ("fp32", "bf16-autocast"):
         raise ValueError(f"Invalid precision: {cfg.precision!r} (allowed: fp32 | bf16-autocast on CPU, which the "
                          "Trainer has too)")
     if cfg.step_in_backward or cfg.noise_scale:
         raise ValueError("Invalid config: step_in_backward / noise_scale (allowed: off; the other loops have neither)")
-    phase = plan.phases[0]
-    if phase.batch_size % phase.micro_batch_size:
-        raise ValueError(f"Invalid micro_batch_size: {phase.micro_batch_size} (allowed: a divisor of the batch "
-                         f"{phase.batch_size}: the Trainer's accumulation has equal micro-batches)")
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise ValueError(f"Invalid micro_batch_size: {cfg.micro_batch_size} (allowed: a divisor of the batch "
+                         f"{cfg.batch_size}: the Trainer's accumulation has equal micro-batches)")
+
+
+def check_steps(plan, steps: int) -> None:
     if plan.total_steps < steps:
-        raise ValueError(f"Invalid steps: {steps} (allowed: at most the config's {plan.total_steps} steps)")
+        raise ValueError(f"Invalid steps: {steps} warm-up and timed steps (allowed: at most the config's "
+                         f"{plan.total_steps} steps)")
 
 
 def task_copy(task):
@@ -307,11 +316,12 @@ def compare(cfg, *, steps: int = 40, warmup: int = 5, task=None, seed: int = 0) 
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"Invalid steps/warmup: {steps}/{warmup} (allowed: steps >= 1, warmup >= 0)")
+    check_config(cfg)
     if task is None:
         torch.manual_seed(cfg.seed)
         task = build_task(cfg.task, seed=cfg.seed, **cfg.task_build_options())
     plan = build_run_plan(cfg, task)
-    check_work(cfg, plan, warmup + steps)
+    check_steps(plan, warmup + steps)
     with tempfile.TemporaryDirectory(prefix="lb-toolkit-") as tmp:
         runners = build_runners(task, cfg, plan, warmup + steps, Path(tmp))
         times = run_interleaved(runners, warmup + steps, torch.get_num_threads(), seed)

@@ -1,8 +1,10 @@
 """``largebatch bench``: one optimizer step, ours vs torch's fused AdamW and the peer libraries, one run;
-``largebatch bench --e2e``: whole training steps of BERT-base and ResNet-50 with fused AdamW, Lamb and Lars."""
+``largebatch bench --e2e``: whole training steps of BERT-base and ResNet-50 with fused AdamW, Lamb and Lars;
+``largebatch bench --toolkit``: ``largebatch train`` beside a minimal loop and HF ``Trainer`` on the main job's work."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -11,8 +13,9 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default="bert-base,resnet50,many-small",
                    help="comma-separated sets: bert-base, resnet50, many-small, tiny")
-    p.add_argument("--steps", type=int, help="timed steps per optimizer (median reported; default 15, with --e2e 5)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 2, with --e2e 1)")
+    p.add_argument("--steps", type=int,
+                   help="timed steps per optimizer (median reported; default 15, with --e2e 5, with --toolkit 40)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 2, with --e2e 1, with --toolkit 5)")
     p.add_argument("--optimizers", help="comma-separated subset of names (default: all; see the table)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="writes results.json/.md and step_time.png")
@@ -27,6 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e2e.add_argument("--batch", default="bert-base=8,resnet50=16",
                      help="batch size per model, e.g. bert-base=8,resnet50=16 (BERT: 128-token sequences; "
                           "ResNet-50: 224×224 images)")
+    kit = p.add_argument_group("the training loop against others (--toolkit; benchmarks/e2e/README.md)")
+    kit.add_argument("--toolkit", action="store_true",
+                     help="time `largebatch train` (logging at its defaults and off), a minimal hand-written loop and "
+                          "HF Trainer on the same work, interleaved step by step")
+    kit.add_argument("--train-args", default="", metavar="ARGS",
+                     help="the work: `largebatch train` options in one string (default: none, the main job), "
+                          "e.g. \"--micro-batch-size 256 --precision bf16-autocast\"")
 
 
 def fail(message: str) -> int:
@@ -58,14 +68,19 @@ def environment(args: argparse.Namespace, load_before: float) -> dict:
 def command_line(args: argparse.Namespace) -> str:
     """The equivalent ``largebatch bench ...`` command (benchmarks/*/main.py add ``--e2e`` themselves)."""
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
-    if args.e2e and "--e2e" not in argv:
-        argv = ["--e2e", *argv]
+    for flag in ("--e2e", "--toolkit"):
+        if getattr(args, flag[2:]) and flag not in argv:
+            argv = [flag, *argv]
     return "largebatch bench " + " ".join(shlex.quote(a) for a in argv)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.e2e and args.toolkit:
+        return fail("--e2e and --toolkit (allowed: one of them)")
     if args.e2e:
         return run_e2e(args)
+    if args.toolkit:
+        return run_toolkit(args)
     args.steps = 15 if args.steps is None else args.steps
     args.warmup = 2 if args.warmup is None else args.warmup
     import os
@@ -190,5 +205,61 @@ def run_e2e(args: argparse.Namespace) -> int:
         del workload
     bar.close()
     print(e2e_report.markdown(summary))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def train_config(train_args: str, threads: int | None):
+    """The work of ``--toolkit``: the config ``largebatch train ARGS`` would run (ValueError naming the option)."""
+    from largebatch.cli import train as train_cli
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # one line, no exit: the caller reports it
+            raise ValueError(f"--train-args: {message} (allowed: options of `largebatch train`)")
+
+    parser = Parser(prog="largebatch bench --train-args", add_help=False)
+    train_cli.add_arguments(parser)
+    try:
+        words = shlex.split(train_args)
+    except ValueError as exc:
+        raise ValueError(f"--train-args: {exc}: {train_args!r}") from None
+    args = parser.parse_args(words)
+    if args.resume is not None:
+        raise ValueError("--train-args: --resume (allowed: options of a fresh run)")
+    cfg = train_cli.build_config(args)
+    return cfg if threads is None else dataclasses.replace(cfg, threads=threads)
+
+
+def run_toolkit(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    import transformers
+
+    from largebatch.bench import toolkit, toolkit_report
+    from largebatch.train.allocator import keep_freed_memory
+
+    args.steps = 40 if args.steps is None else args.steps
+    args.warmup = 5 if args.warmup is None else args.warmup
+    if args.steps < 1 or args.warmup < 0:
+        return fail(f"--steps {args.steps} / --warmup {args.warmup} (allowed: steps >= 1, warmup >= 0)")
+    try:
+        cfg = train_config(args.train_args, args.threads)
+    except (ValueError, TypeError) as exc:
+        return fail(str(exc))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # as `largebatch train` runs
+    load_before = os.getloadavg()[0]
+    try:
+        result = toolkit.compare(cfg, steps=args.steps, warmup=args.warmup)
+    except ValueError as exc:
+        return fail(str(exc))
+    config = {k: getattr(cfg, k) for k in toolkit.WORK_FIELDS}
+    summary = {"environment": {**environment(args, load_before), "transformers": transformers.__version__,
+                               "load_averages_after": [round(x, 2) for x in os.getloadavg()]},
+               "work": config, **result}
+    paths = toolkit_report.write(summary, args.out)
+    print(toolkit_report.markdown(summary))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
