@@ -309,7 +309,7 @@ def build_runners(task, cfg, plan, steps: int, out: Path) -> dict[str, Callable[
     return dict(zip(RUNNERS, (train_runner(main), train_runner(off), minimal, trainer)))
 
 
-def compare(cfg, *, steps: int = 40, warmup: int = 5, task=None, seed: int = 0) -> dict:
+def compare(cfg, *, steps: int = 50, warmup: int = 5, task=None, seed: int = 0) -> dict:
     """Time the four runners on ``cfg``'s work, interleaved; the summary (see :func:`summarise`)."""
     from largebatch.tasks import build_task
     from largebatch.train.run_plan import build_run_plan

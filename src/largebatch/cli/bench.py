@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default="bert-base,resnet50,many-small",
                    help="comma-separated sets: bert-base, resnet50, many-small, tiny")
     p.add_argument("--steps", type=int,
-                   help="timed steps per optimizer (median reported; default 15, with --e2e 5, with --toolkit 40)")
+                   help="timed steps per optimizer (median reported; default 15, with --e2e 5, with --toolkit 50)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2, with --e2e 1, with --toolkit 5)")
     p.add_argument("--optimizers", help="comma-separated subset of names (default: all; see the table)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -239,7 +239,7 @@ def run_toolkit(args: argparse.Namespace) -> int:
     from largebatch.bench import toolkit, toolkit_report
     from largebatch.train.allocator import keep_freed_memory
 
-    args.steps = 40 if args.steps is None else args.steps
+    args.steps = 50 if args.steps is None else args.steps  # steps 6-55: the main job's evaluation at 50
     args.warmup = 5 if args.warmup is None else args.warmup
     if args.steps < 1 or args.warmup < 0:
         return fail(f"--steps {args.steps} / --warmup {args.warmup} (allowed: steps >= 1, warmup >= 0)")
