@@ -69,6 +69,22 @@ def test_config_file_then_command_line_overrides(tmp_path):
     assert cli_train.build_config(parser.parse_args([])).task == "mlm"         # no arguments: the main job
 
 
+def test_the_main_job_is_one_bf16_micro_batch_and_the_old_one_is_three_flags_away():
+    """The mlm defaults measured in benchmarks/e2e/README.md ("The main job"); other tasks keep fp32."""
+    import argparse
+
+    from largebatch.cli import train as cli_train
+
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    main = cli_train.build_config(parser.parse_args([]))
+    assert (main.batch_size, main.micro_batch_size, main.precision, main.eval_every) == (256, 256, "bf16-autocast", 50)
+    old = cli_train.build_config(parser.parse_args(["--micro-batch-size", "128", "--precision", "fp32",
+                                                    "--eval-every", "25"]))
+    assert (old.batch_size, old.micro_batch_size, old.precision, old.eval_every) == (256, 128, "fp32", 25)
+    assert cli_train.build_config(parser.parse_args(["--task", "image"])).precision == "fp32"
+
+
 def test_resume_with_other_settings_exits_2(tmp_path):
     run = tmp_path / "r"
     opts = ["--steps", "1", "--out", str(run), "--no-progress", "--eval-every", "0",
