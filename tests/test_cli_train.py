@@ -83,6 +83,10 @@ def test_the_main_job_is_one_bf16_micro_batch_and_the_old_one_is_three_flags_awa
                                                     "--eval-every", "25"]))
     assert (old.batch_size, old.micro_batch_size, old.precision, old.eval_every) == (256, 128, "fp32", 25)
     assert cli_train.build_config(parser.parse_args(["--task", "image"])).precision == "fp32"
+    small = cli_train.build_config(parser.parse_args(["--batch-size", "64"]))  # the default micro-batch gives way
+    assert (small.batch_size, small.micro_batch_size) == (64, 64)
+    with pytest.raises(ValueError, match="Invalid micro_batch_size: 128"):  # an explicit one does not
+        cli_train.build_config(parser.parse_args(["--batch-size", "64", "--micro-batch-size", "128"]))
 
 
 def test_resume_with_other_settings_exits_2(tmp_path):

@@ -116,7 +116,19 @@ def build_config(args: argparse.Namespace):
     if not isinstance(task, str) or task not in TASK_DEFAULTS:
         raise ValueError(f"Invalid task: {task!r} (allowed: {' | '.join(TASK_DEFAULTS)})")
     defaults = task_defaults(task, model_folder=bool(cli.get("model") or file_values.get("model")))
-    return make_config(merge({"task": task, "out": f"runs/{task}"}, defaults, file_values, cli))
+    values = merge({"task": task, "out": f"runs/{task}"}, defaults, file_values, cli)
+    if "micro_batch_size" not in {**file_values, **cli}:
+        values = fit_default_micro_batch(values)
+    return make_config(values)
+
+
+def fit_default_micro_batch(values: dict[str, Any]) -> dict[str, Any]:
+    """A task's default micro-batch gives way to a smaller batch the user chose (as a phase's does); values of
+    the wrong type are left for the config's own one-line error."""
+    batch, micro = values.get("batch_size"), values.get("micro_batch_size")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, micro)) and micro > batch:
+        return {**values, "micro_batch_size": batch}
+    return values
 
 
 def task_defaults(task: str, model_folder: bool) -> dict[str, Any]:
