@@ -210,3 +210,30 @@ def test_train_step_in_backward_refusals_name_the_option(tmp_path):
                        ({"optimizer": "adamw"}, "optimizer")):
         with pytest.raises(ValueError, match=needle):
             TrainConfig(step_in_backward=True, **{"nonfinite": "raise", **kw})
+
+
+def test_step_params_finds_tensors_without_scanning_and_refuses_strangers():
+    """step_params steps exactly the given tensors, from an index that follows changes of param_groups, and
+    refuses a tensor that is not one of the optimizer's parameters (it would otherwise be silently skipped)."""
+    import largebatch
+
+    torch.manual_seed(0)
+    a, b, c = (torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3))
+    opt = largebatch.Lamb([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=0.1, nonfinite="raise")
+    twin = largebatch.Lamb([{"params": [a.detach().clone().requires_grad_()]},
+                            {"params": [b.detach().clone().requires_grad_()], "weight_decay": 0.0}],
+                           lr=0.1, nonfinite="raise")
+    for p, q in zip((a, b), (twin.param_groups[0]["params"][0], twin.param_groups[1]["params"][0])):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt.step_params([b])
+    opt.step_params([a])
+    twin.step()
+    assert torch.equal(a, twin.param_groups[0]["params"][0]) and torch.equal(b, twin.param_groups[1]["params"][0])
+    with pytest.raises(ValueError, match="not one of this optimizer's parameters"):
+        opt.step_params([c])
+    opt.add_param_group({"params": [c]})  # the index is rebuilt
+    c.grad = torch.ones_like(c)
+    before = c.detach().clone()
+    opt.step_params([c])
+    assert not torch.equal(c, before)

@@ -330,19 +330,43 @@ class TrustRatioOptimizer(Optimizer):
         with it as soon as its gradient is complete.
         """
         check_subset_step(self.defaults)
-        only = {id(p) for p in params}
+        only = self._positions(params)
         self._last_skipped, self._last_ok = False, None
         if self.defaults["nonfinite"] == "raise":
             self._raise_if_nonfinite(only)
         self._step_groups(only, None, sync_free=self._resolve_sync_free())
 
-    def _step_groups(self, only: set[int] | None, clip: Tensor | None, *, ok: Tensor | None = None,
+    def _positions(self, params: Sequence[Tensor]) -> dict[int, list[int]]:
+        """{group index: [positions in its ``params``]} of ``params``, from an index of every parameter that
+        is rebuilt whenever an entry no longer matches (a changed ``param_groups``), so that stepping one
+        tensor (``step_params``, once per tensor in :func:`largebatch.step_in_backward`) does not scan them all."""
+        groups = self.param_groups
+        index = self.__dict__.get("_param_positions") or {}
+        out: dict[int, list[int]] = {}
+        for p in params:
+            where = index.get(id(p))
+            if where is None or where[0] >= len(groups) or where[1] >= len(groups[where[0]]["params"]) \
+                    or groups[where[0]]["params"][where[1]] is not p:
+                index = {id(q): (gi, i) for gi, g in enumerate(groups) for i, q in enumerate(g["params"])}
+                self.__dict__["_param_positions"] = index
+                where = index.get(id(p))
+                if where is None:
+                    raise ValueError("Invalid params: a tensor that is not one of this optimizer's parameters "
+                                     "(allowed: tensors of its param_groups)")
+            out.setdefault(where[0], []).append(where[1])
+        return {gi: sorted(set(pos)) for gi, pos in out.items()}
+
+    def _step_groups(self, only: dict[int, list[int]] | None, clip: Tensor | None, *, ok: Tensor | None = None,
                      sync_free: bool = False) -> None:
-        """``step()``'s updates; ``only``: ids of the parameters to update (None: all); ``ok``: the sync-free
+        """``step()``'s updates; ``only``: positions of the parameters to update per group (None: all; see
+        ``_positions``); ``ok``: the sync-free
         skip flag (0-dim bool on the device), every write masked by it; ``sync_free``: counters and
         coefficients on the device, the multi-tensor path."""
         for gi, group in enumerate(self.param_groups):
-            indices, params, xs, grads, states = self._collect(group, self._init_state, only, sync_free)
+            if only is not None and gi not in only:
+                continue
+            indices, params, xs, grads, states = self._collect(group, self._init_state,
+                                                               None if only is None else only[gi], sync_free)
             if not params:
                 if only is None:
                     self._telemetry.pop(gi, None)
@@ -453,10 +477,14 @@ class TrustRatioOptimizer(Optimizer):
             return None, total
         return 1.0 / torch.clamp(total.sqrt() / max_norm, min=1.0), None if policy == "propagate" else total
 
-    def _raise_if_nonfinite(self, only: set[int] | None = None) -> None:
-        """Raise naming the first parameter (with an id in ``only``, unless None) whose gradient is not finite."""
-        found = [(gi, group, i, local_tensor(p.grad)) for gi, group in enumerate(self.param_groups)
-                 for i, p in enumerate(group["params"]) if p.grad is not None and (only is None or id(p) in only)]
+    def _raise_if_nonfinite(self, only: dict[int, list[int]] | None = None) -> None:
+        """Raise naming the first parameter (at the positions ``only`` per group, unless None) whose gradient is
+        not finite."""
+        groups = self.param_groups
+        chosen = ((gi, i) for gi, g in enumerate(groups) for i in range(len(g["params"]))) if only is None else \
+            ((gi, i) for gi in sorted(only) for i in only[gi])
+        found = [(gi, groups[gi], i, local_tensor(p.grad)) for gi, i in chosen
+                 if (p := groups[gi]["params"][i]).grad is not None]
         if not found or (kernel.available() and kernel.first_nonfinite([f[3] for f in found]) == -1):
             return  # the kernel's check reads each gradient once and allocates nothing
         for gi, group, i, grad in found:
@@ -541,17 +569,19 @@ class TrustRatioOptimizer(Optimizer):
         return True
 
     def _collect(self, group: dict[str, Any], init_state: Callable[[Tensor, dict], None],
-                 only: set[int] | None = None, sync_free: bool = False):
-        """Params with a gradient (and an id in ``only``, unless None), their compute tensors (fp32 master or
-        local shard) and states.
+                 only: list[int] | None = None, sync_free: bool = False):
+        """Params with a gradient (at the positions ``only`` of the group, unless None), their compute tensors
+        (fp32 master or local shard) and states.
 
         Returns (indices, params, xs, grads, states); ``xs`` are the tensors the update is written to.
         """
         indices, params, xs, grads, states = [], [], [], [], []
         plain = _PLAIN  # fast path: no DTensor unwrapping to try
-        for i, p in enumerate(group["params"]):
+        group_params = group["params"]
+        for i in range(len(group_params)) if only is None else only:
+            p = group_params[i]
             grad = p.grad
-            if grad is None or (only is not None and id(p) not in only):
+            if grad is None:
                 continue
             if type(grad) not in plain:
                 grad = local_tensor(grad)
