@@ -26,20 +26,15 @@ from torch import nn
 import largebatch
 from largebatch.optim import kernel
 from largebatch.optim.presets import PRESETS
+from variants import FLAG_VARIANTS
 
 FIXTURE = Path(__file__).with_name("data") / "trajectories.json"
 STEPS = 5
 LARGE = 1 << 18  # one tensor at the kernel's parallel threshold: the chunked multi-thread schedule
 #: flag variants the presets do not cover, so each branch of each path is in the fixture
 VARIANTS = {
-    "lamb_l2": ("lamb", dict(weight_decay_mode="l2")),
-    "lamb_outside": ("lamb", dict(weight_decay_mode="decoupled_outside", lr=0.05)),
-    "lamb_step_size": ("lamb", dict(bias_correction="step_size", eps_inside_sqrt=True)),
-    "lamb_n": ("lamb", dict(nesterov="n-lamb", grad_averaging=False)),
-    "lamb_nn": ("lamb", dict(nesterov="nn-lamb", phi="clamp_ratio", phi_min=0.5, phi_max=2.0)),
+    **FLAG_VARIANTS,
     "lamb_cap": ("lamb", dict(phi="cap_ratio", max_grad_norm=0.5, trust_ratio=False)),
-    "lars_nesterov": ("lars", dict(nesterov=True, grad_averaging=False, phi="clamp_norm", phi_max=1.0)),
-    "lars_2017_nesterov": ("lars", dict(mode="2017", nesterov=True, max_grad_norm=1.0)),
     "lamb_master": ("lamb", dict(master_weights=True)),  # bf16 parameters, fp32 masters (no kernel)
     "larc_master": ("larc", dict(master_weights=True)),
 }

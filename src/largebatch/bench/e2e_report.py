@@ -1,10 +1,9 @@
 """The end-to-end benchmark's output: one Markdown table per (model, precision), and the JSON."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .report import header, table_head
+from .report import header, table_head, write_json_and_markdown
 
 
 def _fmt(v, spec: str) -> str:
@@ -44,8 +43,4 @@ def markdown(summary: dict) -> str:
 
 
 def write(summary: dict, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.json", out_dir / "results.md"]
-    paths[0].write_text(json.dumps(summary, indent=2))
-    paths[1].write_text(markdown(summary))
-    return paths
+    return write_json_and_markdown(summary, out_dir, "results", markdown(summary))

@@ -95,8 +95,15 @@ def plot(summary: dict, out: Path) -> Path:
     return out
 
 
-def write(summary: dict, out_dir: Path) -> list[Path]:
+def write_json_and_markdown(summary: dict, out_dir: Path, stem: str, text: str) -> list[Path]:
+    """``<stem>.json`` (the summary) and ``<stem>.md`` (``text``) in ``out_dir``, created if needed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "results.md").write_text(markdown(summary))
-    return [out_dir / "results.json", out_dir / "results.md", plot(summary, out_dir / "step_time.png")]
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(summary, indent=2))
+    paths[1].write_text(text)
+    return paths
+
+
+def write(summary: dict, out_dir: Path) -> list[Path]:
+    return write_json_and_markdown(summary, out_dir, "results", markdown(summary)) + [
+        plot(summary, out_dir / "step_time.png")]

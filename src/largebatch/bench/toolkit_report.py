@@ -1,10 +1,9 @@
 """The toolkit comparison's output (``largebatch bench --toolkit``): a Markdown table and the JSON."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .report import header, table_head
+from .report import header, table_head, write_json_and_markdown
 from .toolkit import RUNNERS, TARGETS
 
 
@@ -40,8 +39,4 @@ def markdown(summary: dict) -> str:
 
 
 def write(summary: dict, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "toolkit.json", out_dir / "toolkit.md"]
-    paths[0].write_text(json.dumps(summary, indent=2))
-    paths[1].write_text(markdown(summary))
-    return paths
+    return write_json_and_markdown(summary, out_dir, "toolkit", markdown(summary))

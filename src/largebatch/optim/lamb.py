@@ -326,7 +326,7 @@ def multi_tensor_lamb(xs, grads, ms, vs, coefs: Tensor, trust: Tensor, h: LambHy
         wide = [g.to(norm_dtype(g.dtype)) for g in gs] if gs[0].dtype != norm_dtype(gs[0].dtype) else gs
         torch._foreach_addcmul_(denom, torch._foreach_mul(wide, b_v), gs)
     elif h.nesterov == "nn-lamb":
-        torch._foreach_addcmul_(denom, gs, gs, b_v)
+        torch._foreach_addcmul_(denom, gs, gs, b_v)  # type: ignore[arg-type]  # (floats on this branch)
     if h.eps_inside_sqrt:
         torch._foreach_add_(denom, h.eps)
         torch._foreach_sqrt_(denom)
