@@ -73,23 +73,30 @@ def pair(preset, dtype=torch.float32, **overrides):
     return m1, o1, m2, o2
 
 
+#: bucket sizes: one tensor per step_params call, a tiny bucket (1 byte: stepped as soon as one is ready), a
+#: few tensors per bucket (the TiedLM's gradients are 100 B to 4.8 KB), all at the end of the pass (default)
+BUCKETS = [0, 1, 2000, largebatch.optim.backward.DEFAULT_BUCKET_BYTES]
+
+
+@pytest.mark.parametrize("bucket_bytes", BUCKETS)
 @pytest.mark.parametrize("preset", ALLOWED)
-def test_bit_identical_to_the_ordinary_step_on_the_kernel_path(preset):
+def test_bit_identical_to_the_ordinary_step_on_the_kernel_path(preset, bucket_bytes):
     from largebatch.optim import kernel
 
     if not kernel.available():
         pytest.skip(f"the C kernel is unavailable here: {kernel.unavailable_reason()}")
     m1, o1, m2, o2 = pair(preset)
-    handle = largebatch.step_in_backward(m2, o2)
+    handle = largebatch.step_in_backward(m2, o2, bucket_bytes=bucket_bytes)
     run(m1, o1, 3)
     run(m2, o2, 3, handle)
     assert_same(m1, o1, m2, o2)
 
 
+@pytest.mark.parametrize("bucket_bytes", [0, 1000, largebatch.optim.backward.DEFAULT_BUCKET_BYTES])
 @pytest.mark.parametrize("preset", ["paper", "lars_paper"])
-def test_bit_identical_with_bf16_master_weights(preset):
+def test_bit_identical_with_bf16_master_weights(preset, bucket_bytes):
     m1, o1, m2, o2 = pair(preset, torch.bfloat16)
-    handle = largebatch.step_in_backward(m2, o2)
+    handle = largebatch.step_in_backward(m2, o2, bucket_bytes=bucket_bytes)
     run(m1, o1, 3)
     run(m2, o2, 3, handle)
     assert_same(m1, o1, m2, o2)
@@ -156,6 +163,72 @@ def test_nonfinite_raise_names_the_parameter_before_stepping_it():
     with pytest.raises(FloatingPointError, match="bias"):
         loss_of(model, micro_batches(0)[0]).backward()
     handle.remove()
+
+
+def _spy_step_params(opt, monkeypatch):
+    """Record each step_params call's tensors and whether each had its gradient when stepped."""
+    calls, real = [], opt.step_params
+
+    def spy(params):
+        calls.append([p.grad is not None for p in params])
+        real(params)
+
+    monkeypatch.setattr(opt, "step_params", spy)
+    return calls
+
+
+@pytest.mark.parametrize("bucket_bytes, expect", [(0, "one per tensor"), (1, "one per tensor"),
+                                                  (2000, "several"), (None, "one")])
+def test_buckets_step_several_tensors_per_call_and_each_tensor_once(bucket_bytes, expect, monkeypatch):
+    m1, o1, m2, o2 = pair("paper")
+    kw = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
+    handle = largebatch.step_in_backward(m2, o2, **kw)
+    calls = _spy_step_params(o2, monkeypatch)
+    run(m2, o2, 1, handle)
+    n = len(list(m2.parameters()))
+    assert sum(len(c) for c in calls) == n and all(all(c) for c in calls)  # every tensor once, with its gradient
+    assert {"one per tensor": len(calls) == n, "several": 1 < len(calls) < n, "one": len(calls) == 1}[expect]
+
+
+def test_bucket_bytes_is_validated():
+    model = TiedLM()
+    opt = largebatch.Lamb(model.parameters(), **RAISE)
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        largebatch.step_in_backward(model, opt, bucket_bytes=-1)
+    for bad in (1.5, True, "25MB"):
+        with pytest.raises(TypeError, match="bucket_bytes"):
+            largebatch.step_in_backward(model, opt, bucket_bytes=bad)
+
+
+@pytest.mark.parametrize("failure", ["nonfinite in the last bucket", "nonfinite in a full bucket",
+                                     "another hook raises"])
+def test_a_backward_pass_that_raises_leaves_no_stale_bucket(failure):
+    """The failed pass's pending tensors are not stepped and their gradients are dropped: the next pass is
+    the ordinary step's, bit for bit (as if the failed pass had not run)."""
+    m1, o1, m2, o2 = pair("paper")
+    handle = largebatch.step_in_backward(m2, o2, bucket_bytes=1 if "full" in failure else 10**9)
+    before = [p.detach().clone() for p in m2.parameters()]
+    if failure == "another hook raises":  # late in the pass: the body's and the bias's tensors are pending
+        hook = m2.body[0].register_forward_hook(lambda mod, inp, out: _raise_in_backward(out))
+        expected = RuntimeError
+    else:  # bias: the first gradient to be complete (the output layer)
+        hook = m2.bias.register_hook(lambda g: g * float("nan"))
+        expected = FloatingPointError
+    with pytest.raises(expected):
+        loss_of(m2, micro_batches(0)[0]).backward()
+    hook.remove()
+    assert all(p.grad is None for p in m2.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters()))  # the bias is stepped first
+    run(m1, o1, 2)
+    run(m2, o2, 2, handle)
+    assert_same(m1, o1, m2, o2)
+
+
+def _raise_in_backward(out):
+    def boom(grad):
+        raise RuntimeError("boom")
+
+    out.register_hook(boom)
 
 
 def _train_config(tmp_path, name, **kw):
