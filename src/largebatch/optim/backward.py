@@ -1,4 +1,4 @@
-"""The optimizer step inside the backward pass: each tensor is updated as soon as its gradient is complete.
+"""The optimizer step inside the backward pass: each tensor is updated once its gradient is complete.
 
 LAMB's and LARS's trust ratios are per tensor, so without a global gradient norm a tensor's update needs
 its own gradient and nothing else. ``step_in_backward(model, optimizer)`` registers
@@ -8,7 +8,8 @@ accumulated a parameter's gradient, the hook adds it to a bucket; once the bucke
 frees their ``.grad``, and the rest are stepped at the end of the backward pass (autograd's end-of-backward
 callback, queued by the pass's first hook, as DDP does). ``bucket_bytes=0`` steps each tensor alone in its
 hook. A backward pass that raises drops its bucket: those tensors are not stepped and their gradients are
-freed, so the next pass starts clean.
+freed, so the next pass starts clean (docs/step_in_backward.md, "Buckets").
+
 So a run never holds a full set of gradients (peak memory falls by up to their size), and the update reads
 the gradient while it is still in cache. The result is the ordinary step's, bit for bit (tested): every
 operation that reads a parameter's value in the backward pass is a predecessor of that parameter's
