@@ -99,7 +99,7 @@ class StepInBackward:
         bucket = self._bucket() if self._bucket is not None else None
         if bucket is None or bucket.closed:  # the first ready parameter of this backward pass
             bucket = _Bucket(self)
-            torch.autograd.Variable._execution_engine.queue_callback(bucket)  # type: ignore[attr-defined]
+            torch.autograd.Variable._execution_engine.queue_callback(bucket)
             weakref.finalize(bucket, _drop_grads, bucket.params)  # the pass raised: no stale gradients
             self._bucket = weakref.ref(bucket)
         grad = cast(torch.Tensor, param.grad)
