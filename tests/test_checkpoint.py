@@ -349,3 +349,30 @@ def test_write_atomically_replaces_whole_files(tmp_path):
     path.write_text("old")
     write_atomically(path, "new\n")
     assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_checkpoint_with_optimizer_options_unknown_here_is_refused_with_its_name():
+    """A newer largebatch's checkpoint (an extra param-group option) gets a one-line CheckpointError naming the
+    file instead of torch's bare KeyError; an older one (an option missing) loads with this optimizer's value."""
+    import copy
+
+    import largebatch
+    from largebatch.checkpoint import CheckpointError
+    from largebatch.train.distributed import full_state, load_full_state
+    from largebatch.train.resume import check_optimizer_options
+
+    model = torch.nn.Linear(3, 2)
+    opt = largebatch.Lamb(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    model_state, optim_state = full_state(model, opt)
+    newer = copy.deepcopy(optim_state)
+    newer["param_groups"][0]["future_flag"] = 1
+    with pytest.raises(CheckpointError, match=r"^runs/x/ckpt-00000001\.pt: optimizer option\(s\) \['future_flag'\] "
+                                              r"unknown to this Lamb"):
+        check_optimizer_options({"path": "runs/x/ckpt-00000001.pt", "optimizer": newer}, opt)
+    older = copy.deepcopy(optim_state)
+    older["param_groups"][0].pop("sync_free")
+    check_optimizer_options({"optimizer": older}, opt)
+    load_full_state(model, opt, model_state, older)
+    assert opt.param_groups[0]["sync_free"] is None

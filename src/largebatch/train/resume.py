@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import distributed as D
-from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .run_folder import claim, finished_summary, folder_run_id, resume_notes
 from .config import TrainConfig
 from .data import data_position
@@ -77,9 +77,23 @@ def take_folder(out: Path, run_id: str, ckpt: dict[str, Any] | None, ctx: D.Dist
         print(note, file=sys.stderr, flush=True)
 
 
+def check_optimizer_options(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, naming the file, a checkpoint whose optimizer param groups carry options this optimizer does not
+    know (written by a newer largebatch, or by another optimizer class): torch's loader would raise a bare
+    KeyError. Options the checkpoint lacks (an older largebatch) keep this optimizer's values."""
+    known = {"params", *(k for g in optimizer.param_groups for k in g)}
+    saved = (ckpt.get("optimizer") or {}).get("param_groups") or []
+    unknown = sorted({k for g in saved if isinstance(g, dict) for k in g} - known)
+    if unknown:
+        raise CheckpointError(f"{ckpt.get('path', 'checkpoint')}: optimizer option(s) {unknown} unknown to this "
+                              f"{type(optimizer).__name__} (a checkpoint of a newer largebatch or of another "
+                              f"optimizer): resume it with the version that wrote it, or start a new run")
+
+
 def restore(ckpt: dict[str, Any], stepper: Stepper) -> int:
     """Load a checkpoint into the model, optimizer, RNGs, GradScaler and skip count; returns its step.
     Call after sharding: the full state is scattered to each rank's shards."""
+    check_optimizer_options(ckpt, stepper.optimizer)
     D.load_full_state(stepper.model, stepper.optimizer, ckpt["model"], ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
     stepper.skipped = int(ckpt.get("skipped_steps", 0))
