@@ -221,22 +221,18 @@ class Lamb(TrustRatioOptimizer):
         vs = [local_tensor(s["exp_avg_sq"]) for s in states]
         h = LambHyper.from_group(group)
         coefs = lamb_coefficients(self._advance_steps(states, ok, sync_free), h)
-        if sync_free:
-            reduce_sq = (lambda sq: self._reduce_sq_norms(sq, params)) if sharded else None
-            if sharded:
-                return multi_tensor_lamb(xs, grads, ms, vs, coefs, trust, h, clip, reduce_sq, ok=ok, on_device=True)
-            return run_in_buckets(multi_tensor_lamb, [xs, grads, ms, vs], [coefs, trust], h, clip, None, ok=ok,
-                                  on_device=True)
-        impl = self._choose_impl(group, [xs, grads, ms, vs],
-                                 not sharded and self._kernel_eligible(group, xs, grads, ms, vs))
+        # sync-free: the multi-tensor path, coefficients on the device, every write masked by ``ok``
+        impl = "foreach" if sync_free else self._choose_impl(
+            group, [xs, grads, ms, vs], not sharded and self._kernel_eligible(group, xs, grads, ms, vs))
         if impl == "fused":
             return kernel.lamb_step(xs, grads, ms, vs, coefs, trust, h, 1.0 if clip is None else float(clip),
                                     self._scratch)
+        extra = {"ok": ok, "on_device": True} if sync_free else {}
         reduce_sq = (lambda sq: self._reduce_sq_norms(sq, params)) if sharded else None
         if impl == "foreach" and not sharded:  # bounded temporaries (sharded norms are reduced all at once)
-            return run_in_buckets(multi_tensor_lamb, [xs, grads, ms, vs], [coefs, trust], h, clip, reduce_sq)
+            return run_in_buckets(multi_tensor_lamb, [xs, grads, ms, vs], [coefs, trust], h, clip, reduce_sq, **extra)
         fn = multi_tensor_lamb if impl == "foreach" else single_tensor_lamb
-        return fn(xs, grads, ms, vs, coefs, trust, h, clip, reduce_sq)
+        return fn(xs, grads, ms, vs, coefs, trust, h, clip, reduce_sq, **extra)
 
 
 # ---------------------------------------------------------------------------------------- paths

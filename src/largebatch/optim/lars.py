@@ -127,20 +127,17 @@ class Lars(TrustRatioOptimizer):
         self._advance_steps(states, ok, sync_free)
         bufs = [local_tensor(s["momentum_buffer"]) for s in states]
         h = LarsHyper.from_group(group)
-        if sync_free:
-            if sharded:
-                return multi_tensor_lars(xs, grads, bufs, trust, h, clip,
-                                         lambda sq: self._reduce_sq_norms(sq, params), ok=ok)
-            return run_in_buckets(multi_tensor_lars, [xs, grads, bufs], [trust], h, clip, None, ok=ok)
-        impl = self._choose_impl(group, [xs, grads, bufs],
-                                 not sharded and self._kernel_eligible(group, xs, grads, bufs))
+        # sync-free: the multi-tensor path, every write masked by ``ok``
+        impl = "foreach" if sync_free else self._choose_impl(
+            group, [xs, grads, bufs], not sharded and self._kernel_eligible(group, xs, grads, bufs))
         if impl == "fused":
             return kernel.lars_step(xs, grads, bufs, trust, h, 1.0 if clip is None else float(clip))
+        extra = {"ok": ok} if sync_free else {}
         reduce_sq = (lambda sq: self._reduce_sq_norms(sq, params)) if sharded else None
         if impl == "foreach" and not sharded:  # bounded temporaries (sharded norms are reduced all at once)
-            return run_in_buckets(multi_tensor_lars, [xs, grads, bufs], [trust], h, clip, reduce_sq)
+            return run_in_buckets(multi_tensor_lars, [xs, grads, bufs], [trust], h, clip, reduce_sq, **extra)
         fn = multi_tensor_lars if impl == "foreach" else single_tensor_lars
-        return fn(xs, grads, bufs, trust, h, clip, reduce_sq)
+        return fn(xs, grads, bufs, trust, h, clip, reduce_sq, **extra)
 
 
 # ---------------------------------------------------------------------------------------- paths
