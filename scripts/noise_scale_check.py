@@ -29,13 +29,9 @@ ORDER = ("suite", "optimizer", "lr", "b0", "target", "s0", "s0_upper_bound", "b_
 
 def train_loss_steps(results: dict, results_root: Path, optimizer: str, target: float) -> dict[int, list[int | None]]:
     """Steps to the training-loss ``target`` of every committed ladder run of ``optimizer``, by batch."""
-    out: dict[int, list[int | None]] = {}
-    for b, cell in results["table"][optimizer].items():
-        dirs = [results_root / results["suite"] / "runs" / f"{optimizer}-b{b}-lr{cell['lr']:g}-s{seed}"
-                for seed in cell["seeds"]]
-        recs = [nc.read_records(d) for d in dirs]
-        out[int(b)] = [nc.steps_to_train_loss([r["step"] for r in rs], [r["loss"] for r in rs], target) for rs in recs]
-    return out
+    runs = results_root / results["suite"] / "runs"
+    return nc.loss_steps({int(b): [runs / f"{optimizer}-b{b}-lr{cell['lr']:g}-s{seed}" for seed in cell["seeds"]]
+                          for b, cell in results["table"][optimizer].items()}, target)
 
 
 def compare(run: Path, results_root: Path, train_targets: dict[str, float], where: dict[str, str]) -> dict:

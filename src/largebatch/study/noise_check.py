@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 
 from ..train.noise_scale import simple_noise_scale, steps_model
+from .runs import load_metrics
 from .stats import finite, same_lr
 
 POOL_FRACTION = 0.25     # B_simple pooled over the windows in the last quarter of the steps before the target
@@ -237,14 +238,10 @@ def _seed_dirs(runs: list[dict], optimizer: str) -> dict[int, list[str]]:
     return {b: [d for _, d in sorted(v)] for b, v in out.items()}
 
 
-def loss_steps(dirs: dict[int, list[str]], target: float) -> dict[int, list[int | None]]:
-    """batch -> each seed's steps to the training-loss ``target``."""
-    out = {}
-    for b, ds in dirs.items():
-        recs = [read_records(d) for d in ds]
-        out[b] = [steps_to_train_loss([r["step"] for r in rs], [r.get("loss", math.nan) for r in rs], target)
-                  for rs in recs]
-    return out
+def loss_steps(dirs: dict[int, list[str | Path]], target: float) -> dict[int, list[int | None]]:
+    """batch -> each seed's steps to the training-loss ``target`` (the per-step records of ``load_metrics``)."""
+    curves = {b: [load_metrics(d) for d in ds] for b, ds in dirs.items()}
+    return {b: [steps_to_train_loss(m["steps"], m["loss"], target) for m in ms] for b, ms in curves.items()}
 
 
 def judged_rows(check: dict, cells: dict[int, dict], spread: list[float | None], by_loss: bool) -> dict[int, dict]:
