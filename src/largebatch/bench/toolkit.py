@@ -184,13 +184,11 @@ def task_copy(task):
 
 
 def micro_batches(task, cfg, plan, step: int) -> list[dict]:
-    """The micro-batches of ``step``, as ``largebatch train`` draws them (one process)."""
-    from largebatch.train.data import sample_indices, step_generator
+    """The micro-batches of ``step``, as ``largebatch train`` draws them (its own function, one process)."""
+    from largebatch.train.data import step_micro_batches
+    from largebatch.train.distributed import DistContext
 
-    phase = plan.phases[0]
-    indices = sample_indices(step, phase.batch_size, task.train_size, plan.data_seed(cfg.seed, 0))
-    return [task.batch(idx, step_generator(cfg.seed, step, k))
-            for k, idx in enumerate(indices.split(phase.micro_batch_size))]
+    return step_micro_batches(task, plan, cfg.seed, step, DistContext())
 
 
 def minimal_loop(task, cfg, plan, model: nn.Module, steps: int, after_step: Callable[[], Any] = lambda: None):
