@@ -12,7 +12,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("suite", choices=list(SUITES), help="; ".join(f"{n}: {s.description}" for n, s in SUITES.items()))
     p.add_argument("--out", type=Path, help="study directory (default studies/<suite>); rerun to resume")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int,
+                   help="threads per run (default: all cores, shared out between the --jobs runs)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process (default 1); the runs of a stage that do not "
+                        "depend on each other (a grid, the ladder, the seeds) share the cores; results as with 1")
     p.add_argument("--verbose", action="store_true", help="show each run's own output and progress bar")
     for flag, nargs, what in (("--data", "+", "training text (files, folders, globs) instead of the suite's corpus"),
                               ("--eval-data", "+", "held-out text for validation and test"),
@@ -27,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from largebatch.study.report import build_report
-    from largebatch.study.runner import FinetuneRunner, SuiteRunner
+    from largebatch.study.runner import FinetuneRunner, StudyBusyError, SuiteRunner
     from largebatch.study.suites import SUITES, get_suite
     from largebatch.tasks import DataMissingError
     from largebatch.train.allocator import keep_freed_memory
@@ -49,11 +53,14 @@ def run(args: argparse.Namespace) -> int:
               f"or mlm suite: {' | '.join(n for n, s in SUITES.items() if s.source or s.task == 'mlm')})",
               file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"largebatch study: error: Invalid --jobs: {args.jobs} (allowed: an integer >= 1)", file=sys.stderr)
+        return 2
     keep_freed_memory()
     try:
         extra = {"baselines_only": True} if args.baselines_only else {}
-        runner_cls(suite, out, threads=args.threads, verbose=args.verbose, **extra).run()
-    except (DataMissingError, FileNotFoundError) as exc:
+        runner_cls(suite, out, threads=args.threads, verbose=args.verbose, jobs=args.jobs, **extra).run()
+    except (DataMissingError, FileNotFoundError, StudyBusyError) as exc:
         print(f"largebatch study: error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -2,14 +2,25 @@
 
 Resumable: every run lives in ``<out>/runs/<name>``; a finished run (``summary.json``) is never redone, an
 interrupted one continues from its last checkpoint. One overall progress bar with an ETA.
+
+Parallel (``jobs`` > 1): the runs of a stage that do not depend on each other (a grid, the optimizers' sweeps, the
+ladder's cells, the seeds) train at the same time in ``jobs`` worker processes, each run exactly as it would train
+alone (the same code path, its own seed; tested bit for bit against ``jobs=1``). The protocol's order and choices
+are unchanged: a stage starts when the results it reads exist. One study process per folder: a second one on the
+same folder is refused (``<out>/.study.lock``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, TypeVar
 
 from .. import schedules
 from . import rules
@@ -35,15 +46,132 @@ def middle_out(n: int) -> list[int]:
     return out
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+LOCK_FILE = ".study.lock"
+
+
+class StudyBusyError(RuntimeError):
+    """Another study process holds the folder."""
+
+
+@contextlib.contextmanager
+def study_lock(out: Path):
+    """Hold ``<out>/.study.lock`` (an advisory lock the kernel drops when the process ends, even killed) while a
+    runner trains into ``out``: two processes training the same runs would overwrite each other's checkpoints."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here (Windows): nothing to guard with
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise StudyBusyError(f"another study process (pid {holder}) is training into {out}; wait for it to end "
+                                 f"or stop it (its runs resume from their checkpoints), then rerun") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()  # the lock itself goes with the file handle
+
+
+_WORKER: "SuiteRunner | None" = None
+
+
+def _worker_init(tune_allocator: bool) -> None:
+    if tune_allocator:
+        from ..train.allocator import keep_freed_memory
+
+        keep_freed_memory()
+
+
+def _worker_train(runner_cls: type, suite: Suite, out: str, threads: int | None, verbose: bool, spec: dict) -> dict:
+    """One run in a worker process: a runner per process (its task cache lives as long as the worker)."""
+    global _WORKER
+    if _WORKER is None or type(_WORKER) is not runner_cls or _WORKER.suite != suite or str(_WORKER.out) != out:
+        _WORKER = runner_cls(suite, out, threads=threads, progress=False, verbose=verbose)
+    return _WORKER._train_local(**spec)
+
+
 class SuiteRunner:
+    max_tasks = 8  # tasks kept built (one per seed and task options); the oldest is dropped beyond this
+
     def __init__(self, suite: Suite, out: str | Path, *, threads: int | None = None, progress: bool = True,
-                 verbose: bool = False, baselines_only: bool = False):
+                 verbose: bool = False, baselines_only: bool = False, jobs: int = 1):
+        if not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"Invalid jobs: {jobs!r} (allowed: an integer >= 1)")
+        if jobs > 1 and threads is None:  # the cores shared out between the runs that train at once
+            threads = max(1, (os.cpu_count() or 1) // jobs)
         self.suite, self.out = suite, Path(out)
         self.threads, self.progress, self.verbose = threads, progress, verbose
         self.baselines_only = baselines_only  # only the baselines, no training run (nor study.json) touched
+        self.jobs = jobs
         self.runs_dir = self.out / "runs"
         self._tasks: dict[str, Any] = {}
         self.bar = None
+        self._lock = threading.Lock()  # the progress bar and the in-flight table, shared by a stage's threads
+        self._pool: ProcessPoolExecutor | None = None
+        self._inflight: dict[str, Future] = {}
+
+    # ------------------------------------------------------------------ parallel stages
+    def _each(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """``[fn(x) for x in items]``; with ``jobs`` > 1 the calls run at the same time (threads that wait on the
+        worker processes; the compute is bounded by the pool). Every call is waited for before the first
+        error, if any, is raised: no run is left half-reported."""
+        items = list(items)
+        if self.jobs == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=len(items)) as ex:
+            futures = [ex.submit(fn, x) for x in items]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+        return [f.result() for f in futures]
+
+    def _train(self, spec: dict) -> dict:
+        """Train one run here (``jobs`` = 1) or in a worker process; a run asked for twice at once is trained once."""
+        if self.jobs == 1:
+            return self._train_local(**spec)
+        key = str(spec["run_dir"])
+        with self._lock:
+            future = self._inflight.get(key)
+            if future is None:
+                if self._pool is None:
+                    import multiprocessing
+
+                    from ..train.allocator import freed_memory_kept
+
+                    self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=_worker_init, initargs=(freed_memory_kept(),))
+                future = self._pool.submit(_worker_train, type(self), self.suite, str(self.out), self.threads,
+                                           self.verbose, spec)
+                self._inflight[key] = future
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise RuntimeError(f"a study worker process ended abruptly while training {key} (killed for memory? try "
+                               "fewer --jobs); from a Python script, start the runner under `if __name__ == "
+                               "'__main__':` (workers are spawned and import the script). Rerun to resume: finished "
+                               "runs are kept, interrupted ones continue from their checkpoints") from None
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def close(self) -> None:
+        """Stop the worker processes (a run in flight is interrupted; it resumes from its checkpoint)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     # ------------------------------------------------------------------ one run
     def _task(self, options: dict):
@@ -54,6 +182,8 @@ class SuiteRunner:
 
         key = json.dumps(options, sort_keys=True)
         if key not in self._tasks:
+            while len(self._tasks) >= self.max_tasks:
+                self._tasks.pop(next(iter(self._tasks)))
             task = build_task(self.suite.task, **options)  # the model is initialised from options["seed"]
             self._tasks[key] = (task, copy.deepcopy(task.model.state_dict()))
         task, pristine = self._tasks[key]
@@ -73,83 +203,100 @@ class SuiteRunner:
                   for p in tp["phases"]]
         epochs = sum(p["epochs"] for p in tp["phases"])
         twin_lr = schedules.scale_lr(base_lr, b0, tp["twin_batch"], s.scaling)
-        out = []
-        for seed in range(tp["seeds"]):
-            out.append(self.run_one(opt, tp["twin_batch"], twin_lr, seed, extra_task_options=options, epochs=epochs,
+        label = "-".join(f"b{p['batch_size']}x{p['seq_len']}" for p in phases)
+
+        def one(seed_twin: tuple[int, bool]) -> dict:
+            seed, twin = seed_twin
+            if twin:
+                return self.run_one(opt, tp["twin_batch"], twin_lr, seed, extra_task_options=options, epochs=epochs,
                                     name=f"twin-{opt}-b{tp['twin_batch']}-len{tp['seq_len']}-s{seed}",
-                                    tags={"kind": "two-phase-twin", "seq_len": tp["seq_len"]}))
-            label = "-".join(f"b{p['batch_size']}x{p['seq_len']}" for p in phases)
-            out.append(self.run_one(opt, phases[-1]["batch_size"], phases[-1]["lr"], seed, extra_task_options=options,
-                                    phases=phases, name=f"two-phase-{opt}-{label}-s{seed}",
-                                    tags={"kind": "two-phase", "seq_len": tp["seq_len"], "phases": phases}))
-        return out
+                                    tags={"kind": "two-phase-twin", "seq_len": tp["seq_len"]})
+            return self.run_one(opt, phases[-1]["batch_size"], phases[-1]["lr"], seed, extra_task_options=options,
+                                phases=phases, name=f"two-phase-{opt}-{label}-s{seed}",
+                                tags={"kind": "two-phase", "seq_len": tp["seq_len"], "phases": phases})
+
+        return self._each(one, [(seed, twin) for seed in range(tp["seeds"]) for twin in (True, False)])
 
     def run_one(self, optimizer: str, batch: int, lr: float, seed: int, *, extra_task_options: dict | None = None,
                 name: str | None = None, tags: dict | None = None, phases: list[dict] | None = None,
                 epochs: float | None = None, eval_points: int | None = None, overrides: dict | None = None) -> dict:
         """Train one configuration (or read its finished summary). ``eval_points``: evaluations over the
         schedule (default: the suite's); ``overrides``: TrainConfig fields set on top (the noise probe's)."""
-        from ..checkpoint import list_checkpoints
-        from ..train.config import DATA_FIELDS
-        from ..train.loop import TrainConfig, train
-
-        s = self.suite
         run_dir = self.runs_dir / (name or run_name(optimizer, batch, lr, seed))
         done = run_dir / "summary.json"
         done_before = done.exists()
         if done_before:
             summary = json.loads(done.read_text())
         else:
-            task_options = {**s.task_options, **(extra_task_options or {}), "seed": seed}
-            task = self._task(task_options)
-            epochs = s.epochs if epochs is None else epochs
-            total = schedules.steps_for_epochs(epochs, task.train_size, batch)
-            cfg = TrainConfig(
-                task=s.task, task_options={k: v for k, v in task_options.items() if k != "seed" and k not in DATA_FIELDS},
-                **{k: v for k, v in task_options.items() if k in DATA_FIELDS},  # the user's data: config fields
-                optimizer=s.optimizer_names.get(optimizer, optimizer),
-                optimizer_options=dict(s.optimizer_options.get(optimizer, {})),
-                batch_size=batch, micro_batch_size=min(batch, s.micro_batch_size), lr=lr,
-                warmup_steps=min(s.warmup_steps, total), epochs=epochs, seed=seed, phases=phases,
-                eval_every=max(1, math.ceil(total / (eval_points or s.eval_points))),
-                checkpoint_every=max(1, math.ceil(total / 4)), trust_every=max(1, math.ceil(total / 40)),
-                keep_checkpoints=1, out=str(run_dir), threads=self.threads, progress=self.verbose, plot=False)
-            cfg = dataclasses.replace(cfg, **(overrides or {}))
-            if phases:  # the cadence of evaluations and checkpoints follows the phases' total
-                from ..train.loop import plan_phases
-                plan = plan_phases(cfg, task)
-                total = plan[-1].start + plan[-1].phase.steps
-                cfg = dataclasses.replace(cfg, eval_every=max(1, math.ceil(total / s.eval_points)),
-                                          checkpoint_every=max(1, math.ceil(total / 4)),
-                                          trust_every=max(1, math.ceil(total / 40)))
-            resume = str(run_dir) if list_checkpoints(run_dir) else None
-            import contextlib
-            import io
-            sink = contextlib.nullcontext() if self.verbose else contextlib.redirect_stdout(io.StringIO())
-            with sink:
-                summary = train(cfg, resume=resume, task=task)
+            summary = self._train(dict(run_dir=run_dir, optimizer=optimizer, batch=batch, lr=lr, seed=seed,
+                                       extra_task_options=extra_task_options, phases=phases, epochs=epochs,
+                                       eval_points=eval_points, overrides=overrides))
         if not done_before or (tags or {}).get("kind") == "ladder" or "kind" not in summary:
             # a finished run read back by another stage keeps its kind; the ladder claims the runs it shares
             # (the chosen sweep run, the √-rule run of the tuned grid)
             summary.update(tags or {})
         summary.update({"optimizer": optimizer, "batch_size": batch, "lr": lr, "seed": seed, "run": run_dir.name})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if self.bar is not None:
-            if done_before:  # counted, but kept out of the rate: the ETA is that of runs actually trained
-                self.bar.n += 1
-                self.bar.last_print_n += 1
-                self.bar.refresh()
-            else:
-                self.bar.update(1)
-            self.bar.set_postfix(run=run_dir.name)
+        with self._lock:
+            if self.bar is not None:
+                if done_before:  # counted, but kept out of the rate: the ETA is that of runs actually trained
+                    self.bar.n += 1
+                    self.bar.last_print_n += 1
+                    self.bar.refresh()
+                else:
+                    self.bar.update(1)
+                self.bar.set_postfix(run=run_dir.name)
         return summary
+
+    def _train_local(self, run_dir: Path, optimizer: str, batch: int, lr: float, seed: int,
+                     extra_task_options: dict | None, phases: list[dict] | None, epochs: float | None,
+                     eval_points: int | None, overrides: dict | None) -> dict:
+        """Train one run in this process (resumed from its checkpoint if it has one); its summary."""
+        import io
+
+        from ..checkpoint import list_checkpoints
+        from ..train.allocator import release_freed_memory
+        from ..train.config import DATA_FIELDS
+        from ..train.loop import TrainConfig, train
+
+        s = self.suite
+        task_options = {**s.task_options, **(extra_task_options or {}), "seed": seed}
+        task = self._task(task_options)
+        epochs = s.epochs if epochs is None else epochs
+        total = schedules.steps_for_epochs(epochs, task.train_size, batch)
+        cfg = TrainConfig(
+            task=s.task, task_options={k: v for k, v in task_options.items() if k != "seed" and k not in DATA_FIELDS},
+            **{k: v for k, v in task_options.items() if k in DATA_FIELDS},  # the user's data: config fields
+            optimizer=s.optimizer_names.get(optimizer, optimizer),
+            optimizer_options=dict(s.optimizer_options.get(optimizer, {})),
+            batch_size=batch, micro_batch_size=min(batch, s.micro_batch_size), lr=lr,
+            warmup_steps=min(s.warmup_steps, total), epochs=epochs, seed=seed, phases=phases,
+            eval_every=max(1, math.ceil(total / (eval_points or s.eval_points))),
+            checkpoint_every=max(1, math.ceil(total / 4)), trust_every=max(1, math.ceil(total / 40)),
+            keep_checkpoints=1, out=str(run_dir), threads=self.threads, progress=self.verbose, plot=False)
+        cfg = dataclasses.replace(cfg, **(overrides or {}))
+        if phases:  # the cadence of evaluations and checkpoints follows the phases' total
+            from ..train.loop import plan_phases
+            plan = plan_phases(cfg, task)
+            total = plan[-1].start + plan[-1].phase.steps
+            cfg = dataclasses.replace(cfg, eval_every=max(1, math.ceil(total / s.eval_points)),
+                                      checkpoint_every=max(1, math.ceil(total / 4)),
+                                      trust_every=max(1, math.ceil(total / 40)))
+        resume = str(run_dir) if list_checkpoints(run_dir) else None
+        sink = contextlib.nullcontext() if self.verbose else contextlib.redirect_stdout(io.StringIO())
+        try:
+            with sink:
+                return train(cfg, resume=resume, task=task)
+        finally:
+            release_freed_memory()  # the run's peak heap back to the system before the next run
 
     # ------------------------------------------------------------------ the protocol
     def _grow(self, n: int) -> None:
         """The plan grew by ``n`` runs (a grid extension, a refinement, a third seed)."""
-        if self.bar is not None and n:
-            self.bar.total += n
-            self.bar.refresh()
+        with self._lock:
+            if self.bar is not None and n:
+                self.bar.total += n
+                self.bar.refresh()
 
     def sweep(self, optimizer: str, batch: int | None = None, grid: tuple[float, ...] | None = None,
               kind: str = "sweep") -> tuple[float, list[dict]]:
@@ -181,10 +328,9 @@ class SuiteRunner:
     def prime(self, batch: int, grids: dict[str, tuple[float, ...]], kind: str) -> None:
         """Train the initial grids of all optimizers interleaved, middle LR first, so that a partial study
         already compares every optimizer; the sweeps then read these runs back (and count them again)."""
-        for i in middle_out(max(len(g) for g in grids.values())):
-            for optimizer, grid in grids.items():
-                if i < len(grid):
-                    self.run_one(optimizer, batch, sorted(grid)[i], 0, tags={"kind": kind})
+        order = [(optimizer, sorted(grid)[i]) for i in middle_out(max(len(g) for g in grids.values()))
+                 for optimizer, grid in grids.items() if i < len(grid)]
+        self._each(lambda o_lr: self.run_one(o_lr[0], batch, o_lr[1], 0, tags={"kind": kind}), order)
 
     def tuned_grid(self, optimizer: str) -> tuple[float, ...]:
         """The tuned control's initial grid at the largest batch: the sweep grid moved by the scaling rule, so
@@ -209,16 +355,17 @@ class SuiteRunner:
         # and counted again
         return sweep + ladder + tuned + long + two_phase + probes
 
-    def ladder(self, optimizer: str, base_lr: float, batches: tuple[int, ...]) -> None:
+    def ladder(self, chosen: dict[str, float], batches: tuple[int, ...]) -> None:
+        """Every optimizer's ladder runs at ``batches`` (the √ rule from its base LR), all seeds."""
         s = self.suite
-        for batch in batches:
-            lr = schedules.scale_lr(base_lr, s.batches[0], batch, s.scaling)
-            for seed in range(self.seeds_at(batch)):
-                self.run_one(optimizer, batch, lr, seed, tags={"kind": "ladder"})
+        cells = [(o, batch, schedules.scale_lr(base, s.batches[0], batch, s.scaling), seed)
+                 for o, base in chosen.items() for batch in batches for seed in range(self.seeds_at(batch))]
+        self._each(lambda c: self.run_one(*c, tags={"kind": "ladder"}), cells)
 
-    def tuned_seeds(self, optimizer: str, lr: float, seeds: int) -> list[dict]:
+    def tuned_seeds(self, tuned: dict[str, float], seeds: int) -> list[dict]:
         b1 = self.suite.batches[-1]
-        return [self.run_one(optimizer, b1, lr, seed, tags={"kind": "tuned"}) for seed in range(seeds)]
+        cells = [(o, lr, seed) for o, lr in tuned.items() for seed in range(seeds)]
+        return self._each(lambda c: self.run_one(c[0], b1, c[1], c[2], tags={"kind": "tuned"}), cells)
 
     def more_seeds(self, chosen: dict[str, float], tuned: dict[str, float]) -> None:
         """A third seed (up to ``seeds_max``) where two seeds' spread overlaps a difference the report judges."""
@@ -239,11 +386,9 @@ class SuiteRunner:
                   if not same_lr(tuned[o], lrs[(o, s.batches[-1])])]
         todo = sorted(rules.cells_needing_seeds(cells, pairs, s.seeds_max))
         self._grow(sum(s.seeds_max - len(cells[c]) for c in todo))
-        for label, b in todo:
-            opt = label.split(":")[0]
-            kind = "tuned" if ":" in label else "ladder"
-            for seed in range(len(cells[(label, b)]), s.seeds_max):
-                self.run_one(opt, b, lrs[(label, b)], seed, tags={"kind": kind})
+        runs = [(label.split(":")[0], b, lrs[(label, b)], seed, "tuned" if ":" in label else "ladder")
+                for label, b in todo for seed in range(len(cells[(label, b)]), s.seeds_max)]
+        self._each(lambda r: self.run_one(*r[:4], tags={"kind": r[4]}), runs)
 
     def probe_stop(self, optimizer: str, base_lr: float) -> int | None:
         """The noise probe's last step: one ladder evaluation after the last of the smallest batch's ladder runs
@@ -298,6 +443,15 @@ class SuiteRunner:
         return found
 
     def run(self) -> dict:
+        """Run the protocol into ``out`` (resuming what exists), holding the folder's lock; the workers are
+        stopped at the end, even on an error."""
+        with study_lock(self.out):
+            try:
+                return self._protocol()
+            finally:
+                self.close()
+
+    def _protocol(self) -> dict:
         """Most decisive first: the tuned control at the largest batch (sweep, then seeds), the base-LR sweep at
         the smallest batch, the largest batch with the √ rule, then the rest of the ladder, third seeds, the
         noise-scale probes, the long baseline and the two-phase run."""
@@ -312,25 +466,21 @@ class SuiteRunner:
         control = s.tuned_control and len(s.batches) > 1
         if control:
             self.prime(s.batches[-1], {o: self.tuned_grid(o) for o in s.lr_grids}, "tuned-sweep")
-        tuned = {o: self.sweep(o, s.batches[-1], self.tuned_grid(o), kind="tuned-sweep")[0]
-                 for o in s.lr_grids} if control else {}
+        opts = list(s.lr_grids)
+        tuned = dict(zip(opts, self._each(lambda o: self.sweep(o, s.batches[-1], self.tuned_grid(o),
+                                                                kind="tuned-sweep")[0], opts))) if control else {}
         self._save(tuned=tuned)
-        for o, lr in tuned.items():  # cheap (the largest batch): each optimizer's best at that batch, seeded
-            self.tuned_seeds(o, lr, s.seeds_largest)
+        self.tuned_seeds(tuned, s.seeds_largest)  # cheap (the largest batch): each optimizer's best, seeded
         self.prime(s.batches[0], s.lr_grids, "sweep")
-        chosen = {o: self.sweep(o)[0] for o in s.lr_grids}
+        chosen = dict(zip(opts, self._each(lambda o: self.sweep(o)[0], opts)))
         self._save(chosen, tuned)
-        for o, base in chosen.items():
-            self.ladder(o, base, s.batches[-1:])
-        for o, base in chosen.items():
-            self.ladder(o, base, s.batches[:-1])
+        self.ladder(chosen, s.batches[-1:])
+        self.ladder(chosen, s.batches[:-1])
         self.more_seeds(chosen, tuned)
         if s.noise_probe:  # after the smallest batch's ladder runs: they say where the probe may stop
-            for o, base in chosen.items():
-                self.noise_probe(o, base)
+            self._each(lambda o: self.noise_probe(o, chosen[o]), opts)
         if s.long_baseline:
-            for o, base in chosen.items():
-                self.long_baseline(o, base)
+            self._each(lambda o: self.long_baseline(o, chosen[o]), opts)
         if s.two_phase:
             self.two_phase(chosen[s.two_phase["optimizer"]])
         if self.bar is not None:
@@ -375,9 +525,10 @@ class FinetuneRunner(SuiteRunner):
                 f"or run only the baselines with --baselines-only")
         return sources
 
+    max_tasks = 1  # the encoder differs per source run
+
     def finetune(self, checkpoint: Path, name: str, tags: dict) -> dict:
         optimizer, (lr,) = next(iter(self.suite.lr_grids.items()))
-        self._tasks.clear()  # the encoder differs per source run
         return self.run_one(optimizer, self.suite.batches[0], lr, 0, extra_task_options={"checkpoint": str(checkpoint)},
                             name=name, tags=tags)
 
@@ -387,12 +538,11 @@ class FinetuneRunner(SuiteRunner):
 
         s = self.suite
         pre = get_suite(s.source)
-        encoders = []
-        for seed in range(s.baseline_seeds):
-            enc = random_encoder(pre.task, pre.task_options, seed, self.runs_dir / f"random-encoder-s{seed}")
-            encoders.append(enc)
-            self.finetune(enc, f"ft-random-encoder-s{seed}", {"kind": "finetune-baseline", "baseline": RANDOM_ENCODER,
-                                                              "pretrain_seed": seed})
+        encoders = [random_encoder(pre.task, pre.task_options, seed, self.runs_dir / f"random-encoder-s{seed}")
+                    for seed in range(s.baseline_seeds)]
+        self._each(lambda seed: self.finetune(encoders[seed], f"ft-random-encoder-s{seed}",
+                                              {"kind": "finetune-baseline", "baseline": RANDOM_ENCODER,
+                                               "pretrain_seed": seed}), range(s.baseline_seeds))
         done = self.runs_dir / "tfidf-logreg" / "summary.json"
         if encoders and not done.exists():  # the last fine-tuned task: the same splits and tokens as every run
             task = self._task({**s.task_options, "checkpoint": str(encoders[-1]), "seed": 0})
@@ -400,7 +550,7 @@ class FinetuneRunner(SuiteRunner):
             done.write_text(json.dumps({"kind": "finetune-baseline", "baseline": "TF-IDF + logistic regression",
                                         "run": "tfidf-logreg", **tfidf_logreg(task.data)}, indent=2))
 
-    def run(self) -> dict:
+    def _protocol(self) -> dict:
         s = self.suite
         sources = [] if self.baselines_only else self.sources()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -410,11 +560,15 @@ class FinetuneRunner(SuiteRunner):
             self.bar = tqdm(total=len(sources) + s.baseline_seeds, desc=f"study {s.name}", unit="run",
                             dynamic_ncols=True)
         self.baselines()
-        for src in sources:
+
+        def finetune(src: Path) -> dict:
             meta = json.loads((src / "summary.json").read_text())
-            self.finetune(src, f"ft-{src.name}", {"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
-                                                  "pretrain_batch": meta["batch_size"], "pretrain_seed": meta["seed"],
-                                                  "pretrain_test_accuracy": meta.get("test_accuracy")})
+            return self.finetune(src, f"ft-{src.name}", {"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
+                                                         "pretrain_batch": meta["batch_size"],
+                                                         "pretrain_seed": meta["seed"],
+                                                         "pretrain_test_accuracy": meta.get("test_accuracy")})
+
+        self._each(finetune, sources)
         if self.bar is not None:
             self.bar.close()
         return {"suite": s.name, "runs": len(sources), "baselines": s.baseline_seeds}

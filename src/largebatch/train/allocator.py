@@ -7,7 +7,9 @@ batch 1024 ran at 3,271 img/s by default, 3,865 img/s with this on). Equivalent 
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>``; the cost is that the process keeps its peak memory.
 
 The commands (``largebatch train``, ``largebatch study``) turn it on; the library's ``train()`` does not
-change process-wide allocator settings by itself. No effect off glibc.
+change process-wide allocator settings by itself. A study gives the heap back between its runs
+(:func:`release_freed_memory`), so the peak it keeps is one run's, not the largest run's for the rest of the
+study. No effect off glibc.
 """
 from __future__ import annotations
 
@@ -17,17 +19,40 @@ import os
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+_applied = False
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def keep_freed_memory() -> bool:
     """Tell glibc malloc never to trim the heap or serve allocations with mmap. True if applied."""
+    global _applied
     if os.environ.get("LARGEBATCH_MALLOC_TUNING", "1") == "0":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_MAX, 0) == 1
-    return mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+    _applied = mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+    return _applied
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` was applied in this process (a study's workers copy the setting)."""
+    return _applied
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free pages back to the system now (glibc ``malloc_trim``), whatever the trim threshold.
+    True if anything was released; False off glibc."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim(0) == 1

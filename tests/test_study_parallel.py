@@ -1,0 +1,69 @@
+"""`largebatch study --jobs N`: the runs of a stage train at once in worker processes, with the same results as
+one at a time; a second study process on the same folder is refused."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from largebatch.study.runner import LOCK_FILE, StudyBusyError, SuiteRunner, study_lock
+from largebatch.study.suites import Suite
+
+TIMING = {"samples_per_s", "run_id", "seconds", "wall_s"}
+
+TINY = Suite("tiny", "mlm", batches=(16, 32), epochs=1.0, warmup_steps=2, micro_batch_size=16,
+             lr_grids={"lamb": (3e-3, 1e-2), "adamw": (1e-3, 3e-3)},
+             task_options=dict(vocab_size=256, seq_len=16, hidden=16, layers=1, heads=2, intermediate=32,
+                               limit_train_sequences=96, max_eval_sequences=32),
+             seeds=1, seeds_largest=2, target=0.01, extend_grid=1, eval_points=3, noise_probe=4,
+             noise_loss_target=6.5)
+
+
+def _strip(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+def _results(out):
+    runs = {}
+    for d in sorted((out / "runs").iterdir()):
+        if not (d / "summary.json").exists():
+            continue
+        metrics = [_strip(json.loads(line)) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        config = json.loads((d / "config.json").read_text())
+        config.pop("out")
+        runs[d.name] = (_strip(json.loads((d / "summary.json").read_text())), metrics, config)
+    return runs, json.loads((out / "study.json").read_text())
+
+
+def test_jobs_give_the_same_study_as_one_run_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path / "cache"))
+    SuiteRunner(TINY, tmp_path / "one", threads=1, progress=False).run()
+    SuiteRunner(TINY, tmp_path / "two", threads=1, progress=False, jobs=2).run()
+    one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
+    assert set(one[0]) == set(two[0]) and len(one[0]) >= 10  # sweeps, tuned control, ladder, seeds, probes
+    for name in one[0]:
+        assert one[0][name] == two[0][name], name  # bit for bit: losses, LRs, evaluations, summaries
+    assert one[1] == two[1]  # the same chosen and tuned LRs
+    assert not (tmp_path / "two" / LOCK_FILE).read_text()  # released
+
+
+def test_a_second_study_process_on_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "study"
+    with study_lock(out):
+        with pytest.raises(StudyBusyError, match=f"pid {os.getpid()}.*{out}"):
+            SuiteRunner(TINY, out, threads=1, progress=False).run()
+        cli = subprocess.run([sys.executable, "-m", "largebatch", "study", "smoke", "--out", str(out)],
+                             capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 2 and f"another study process (pid {os.getpid()})" in cli.stderr
+        assert not (out / "runs").exists()  # nothing was trained or touched
+    with study_lock(out):  # free again once the holder is done
+        pass
+
+
+def test_invalid_jobs(tmp_path):
+    with pytest.raises(ValueError, match="Invalid jobs: 0"):
+        SuiteRunner(TINY, tmp_path, jobs=0)
+    cli = subprocess.run([sys.executable, "-m", "largebatch", "study", "smoke", "--out", str(tmp_path / "s"),
+                          "--jobs", "0"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and "Invalid --jobs: 0 (allowed: an integer >= 1)" in cli.stderr
