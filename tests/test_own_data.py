@@ -73,9 +73,9 @@ def test_text_files_train_export_load_and_classify(tmp_path):
     task = build_task("mlm", data=[str(a)], eval_data=[str(b)], model_config=str(config), vocab_size=128, seq_len=32,
                       dropout=0.0)
     assert "12 training documents" in task.describe() and task.baseline()["accuracy"] > 0
-    summary, recs = _run(tmp_path, "mlm", task, batch_size=32, micro_batch_size=16, lr=2e-2, warmup_steps=2, steps=30)
+    summary, recs = _run(tmp_path, "mlm", task, batch_size=32, micro_batch_size=16, lr=2e-2, warmup_steps=2, steps=40)
     first, last = recs[0]["loss"], sum(r["loss"] for r in recs[-3:]) / 3
-    assert last < first - 0.5, [round(r["loss"], 3) for r in recs]
+    assert last < first - 0.5, [round(r["loss"], 3) for r in recs]  # measured: 0.64 (0.499 after 30 steps)
     assert summary["test_accuracy"] > task.baseline()["accuracy"]
 
     out = task.save_pretrained(task.model, tmp_path / "hf")

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import bbcnews, hf
-from .base import Task, cache_dir, hf_offline, package_dir
+from .base import Task, cache_dir, hf_offline, package_dir, replaced_atomically
 from .corpus import count_documents, fingerprint, held_out_documents, iter_documents, resolve_paths
 from .token_cache import TokenWindows, cache_key, open_tokens, read_meta, token_counts, write_token_cache
 
@@ -84,21 +84,47 @@ def split_plays(names) -> dict[str, list[str]]:
 
 def train_tokenizer(texts, vocab_size: int, key: str | None = None):
     """WordPiece vocabulary on the training text, cached by content hash (or by ``key``, e.g. the files'
-    fingerprint, when ``texts`` is a stream read only if the cache misses)."""
+    fingerprint, when ``texts`` is a stream read only if the cache misses); its ids in the fixed order of
+    :func:`canonical_ids`, so every machine and process gets the same tokenizer file."""
     from tokenizers import BertWordPieceTokenizer, Tokenizer
 
     if key is None:
         key = hashlib.sha256(("\n".join(texts) + f"|{vocab_size}").encode()).hexdigest()[:16]
-    path = cache_dir() / f"wordpiece-{vocab_size}-{key}.json"
+    path = cache_dir() / f"wordpiece-{WORDPIECE_IDS}-{vocab_size}-{key}.json"
     if path.exists():
         return Tokenizer.from_file(str(path))
     tok = BertWordPieceTokenizer(lowercase=True)
     tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
                             special_tokens=list(hf.WORDPIECE_SPECIALS), show_progress=False)
-    tmp = path.with_suffix(".tmp")
-    tok.save(str(tmp))
-    tmp.replace(path)
+    canonical = canonical_ids(tok._tokenizer)
+    with replaced_atomically(path) as tmp:
+        canonical.save(str(tmp))
     return Tokenizer.from_file(str(path))
+
+
+#: the id order of the cached WordPiece files (part of their name: a file of another order is never read)
+WORDPIECE_IDS = "ids-sorted"
+
+
+def canonical_ids(tokenizer):
+    """The same WordPiece vocabulary with its ids in a fixed order: the special tokens first, as trained, then
+    every other token by its text. WordPiece encodes by longest match over the vocabulary's strings, so the
+    tokens of any text are unchanged; only their numbers are fixed. The trainer of ``tokenizers`` numbers the
+    ``##`` pieces in hash-map order, which differs from one process to the next (huggingface/tokenizers#1794:
+    about 100 of 4,096 ids move between two trainings on the same plays), so without this the same command
+    trains on another machine a model whose embedding rows start differently."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    specials = [t for t in hf.WORDPIECE_SPECIALS if t in vocab]
+    if [vocab[t] for t in specials] != list(range(len(specials))):
+        raise ValueError(f"the special tokens {specials} are not the vocabulary's first ids")
+    order = specials + sorted(t for t in vocab if t not in specials)
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def encode_documents(tokenizer, texts: dict[str, str]) -> dict[str, list[int]]:
@@ -117,10 +143,8 @@ def encode_documents(tokenizer, texts: dict[str, str]) -> dict[str, list[int]]:
         docs = [tokenizer.encode(texts[n], add_special_tokens=False).ids for n in texts]
         ids = np.fromiter((i for d in docs for i in d), dtype=np.int64, count=sum(map(len, docs)))
         ends = np.cumsum([len(d) for d in docs], dtype=np.int64)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
+        with replaced_atomically(path) as tmp, tmp.open("wb") as f:
             np.savez(f, ids=ids, ends=ends)
-        tmp.replace(path)
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
     return {n: ids[s:e].tolist() for n, s, e in zip(texts, starts, ends)}
 
