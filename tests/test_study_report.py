@@ -355,12 +355,19 @@ def test_ladder_runs_at_a_superseded_lr_leave_the_table(tmp_path):
     for b, seed in ((16, 0), (16, 1), (64, 0), (64, 1)):
         write_run(study, f"new-{b}-{seed}", optimizer="lamb", batch=b, lr=2e-3 * math.sqrt(b / 16), seed=seed, acc=0.7)
     sweep(study, "lamb", {4e-3: 2.5})
+    for base, acc in ((1e-3, 0.3), (2e-3, 0.5)):  # the two-phase run and its twin (batch 32) from each base LR
+        for kind in ("two-phase", "two-phase-twin"):
+            write_run(study, f"{kind}-lamb-base{base}-s0", optimizer="lamb", batch=32, kind=kind, acc=acc,
+                      lr=base * math.sqrt(2))
     (study / "study.json").write_text(json.dumps({"suite": "x", "base_lr": {"lamb": 2e-3}}))
     R.build_report(study, MLM)
     res = json.loads((study / "results.json").read_text())
     assert res["table"]["lamb"]["64"]["n"] == 2 and res["table"]["lamb"]["64"]["mean"] == 0.7
     assert sorted(p["lr"] for p in res["sweep"]["lamb"]["points"]) == [1e-3, 2e-3, 4e-3]
-    assert res["header"]["by_kind"] == {"ladder": 4, "superseded": 4, "sweep": 1}
+    assert res["header"]["by_kind"] == {"ladder": 4, "superseded": 6, "sweep": 1, "two-phase": 1,
+                                        "two-phase-twin": 1}
+    assert {k: (v["n"], v["accuracy_mean"]) for k, v in res["two_phase"].items()} == {
+        "two-phase": (1, 0.5), "two-phase-twin": (1, 0.5)}  # only the runs from the chosen base LR
 
 
 def test_one_seed_each_is_not_judged():

@@ -271,16 +271,21 @@ def finetune_baselines(runs: list[dict]) -> dict:
     return out
 
 
+#: the kinds of run trained from the chosen base LR by the √ rule (the two-phase run: its last phase's LR)
+FROM_BASE_LR = ("ladder", "two-phase", "two-phase-twin")
+
+
 def mark_superseded(runs: list[dict], base_lr: dict | None, suite) -> list[dict]:
-    """Ladder runs whose LR is not the chosen base LR's (a study resumed under a rule that changed the choice,
-    e.g. the near-tie refinement) are relabelled ``superseded``: kept in the files, out of the tables."""
+    """Ladder and two-phase runs whose LR is not the chosen base LR's (a study resumed under a rule that changed
+    the choice, e.g. the near-tie refinement) are relabelled ``superseded``: kept in the files, out of the
+    tables."""
     if not base_lr or not suite.batches:
         return runs
     out = []
     for r in runs:
         base = base_lr.get(r.get("optimizer"))
-        if r.get("kind") == "ladder" and base is not None and not same_lr(
+        if r.get("kind") in FROM_BASE_LR and base is not None and not same_lr(
                 r["lr"], scale_lr(base, suite.batches[0], r["batch_size"], suite.scaling)):
-            r = {**r, "kind": "superseded", "kind_was": "ladder"}
+            r = {**r, "kind": "superseded", "kind_was": r["kind"]}
         out.append(r)
     return out

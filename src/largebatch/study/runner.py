@@ -204,15 +204,16 @@ class SuiteRunner:
         epochs = sum(p["epochs"] for p in tp["phases"])
         twin_lr = schedules.scale_lr(base_lr, b0, tp["twin_batch"], s.scaling)
         label = "-".join(f"b{p['batch_size']}x{p['seq_len']}" for p in phases)
+        base = f"base{base_lr:.3g}"  # in the names: a study whose base LR changed trains these again
 
         def one(seed_twin: tuple[int, bool]) -> dict:
             seed, twin = seed_twin
             if twin:
                 return self.run_one(opt, tp["twin_batch"], twin_lr, seed, extra_task_options=options, epochs=epochs,
-                                    name=f"twin-{opt}-b{tp['twin_batch']}-len{tp['seq_len']}-s{seed}",
+                                    name=f"twin-{opt}-{base}-b{tp['twin_batch']}-len{tp['seq_len']}-s{seed}",
                                     tags={"kind": "two-phase-twin", "seq_len": tp["seq_len"]})
             return self.run_one(opt, phases[-1]["batch_size"], phases[-1]["lr"], seed, extra_task_options=options,
-                                phases=phases, name=f"two-phase-{opt}-{label}-s{seed}",
+                                phases=phases, name=f"two-phase-{opt}-{base}-{label}-s{seed}",
                                 tags={"kind": "two-phase", "seq_len": tp["seq_len"], "phases": phases})
 
         return self._each(one, [(seed, twin) for seed in range(tp["seeds"]) for twin in (True, False)])
