@@ -53,3 +53,53 @@ def test_special_tokens_must_come_first():
     tok.train_from_iterator(["ab ba ab"] * 10, vocab_size=50, special_tokens=["[UNK]", "[PAD]"], show_progress=False)
     with pytest.raises(ValueError, match="not the vocabulary's first ids"):
         canonical_ids(tok._tokenizer)
+
+
+def test_a_checkpoint_of_another_vocabulary_numbering_is_not_resumed(tmp_path, monkeypatch):
+    """A run interrupted, then resumed after its tokenizer's ids changed (here: the cache trained again with
+    another numbering) would train its embedding rows under other ids (seen once: the loss jumped from 5.8 to
+    11.2 at the resume): refused with the fingerprints, the checkpoint kept; the same tokenizer resumes."""
+    from largebatch.checkpoint import CheckpointError, list_checkpoints
+    from largebatch.tasks import mlm
+    from largebatch.train.loop import TrainConfig, train
+
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path / "cache"))
+    options = dict(vocab_size=128, seq_len=16, hidden=16, layers=1, heads=2, intermediate=32,
+                   limit_train_sequences=64, max_eval_sequences=16)
+    cfg = TrainConfig(task="mlm", task_options=options, optimizer="lamb", batch_size=16, micro_batch_size=16,
+                      lr=1e-3, warmup_steps=1, steps=8, checkpoint_every=4, eval_every=100, out=str(tmp_path / "run"),
+                      progress=False, plot=False, threads=1)
+    stop = {"at": 5}
+
+    class Interrupt(Exception):
+        pass
+
+    def on_step(step, record):
+        if step + 1 == stop["at"]:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, on_step=on_step)
+    kept = list_checkpoints(tmp_path / "run")
+    assert len(kept) == 1
+
+    sorted_ids = mlm.canonical_ids
+    monkeypatch.setattr(mlm, "WORDPIECE_IDS", "ids-reversed")  # another cache file, numbered the other way
+    monkeypatch.setattr(mlm, "canonical_ids", lambda tok: _reversed(sorted_ids(tok)))
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*ckpt-00000004.*trained with another tokenizer"):
+        train(cfg, resume=str(tmp_path / "run"))
+    assert list_checkpoints(tmp_path / "run") == kept
+
+    monkeypatch.undo()
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path / "cache"))
+    assert train(cfg, resume=str(tmp_path / "run"))["steps"] == 8
+
+
+def _reversed(tok):
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    order = list(vocab)[:5] + list(vocab)[5:][::-1]
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    return Tokenizer.from_str(json.dumps(spec))

@@ -63,9 +63,26 @@ class Task:
         flagged in the run's summary. ``{}``: the task has no baseline."""
         return {}
 
+    def input_fingerprint(self) -> str | None:
+        """A hash of what turns the data into the model's inputs (the tokenizer: its vocabulary and ids), stored
+        in checkpoints: a resume under another one would feed the trained weights other ids. ``None``: the task
+        has nothing of the kind (images)."""
+        tokenizer = getattr(self, "tokenizer", None)
+        return None if tokenizer is None else tokenizer_fingerprint(tokenizer)
+
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
         return f"{self.name}: {params / 1e6:.2f} M parameters, {self.train_size} training samples"
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """16 hex digits of the tokenizer's full description (a ``tokenizers.Tokenizer`` or a fast
+    ``transformers`` tokenizer): vocabulary, ids, normaliser, special tokens. ``None`` for a tokenizer that
+    cannot describe itself (a slow ``transformers`` one)."""
+    import hashlib
+
+    to_str = getattr(getattr(tokenizer, "backend_tokenizer", tokenizer), "to_str", None)
+    return None if to_str is None else hashlib.sha256(to_str().encode()).hexdigest()[:16]
 
 
 def package_dir(module: str, install: str) -> Path:

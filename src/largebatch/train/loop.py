@@ -79,7 +79,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
     plan = build_run_plan(cfg, task)
     stepper = build_stepper(cfg, task, plan, ctx)
     model, optimizer = stepper.model, stepper.optimizer
-    end = stop_step(cfg, plan, start_step := R.restore(ckpt, stepper) if ckpt is not None else 0)
+    end = stop_step(cfg, plan, start_step := R.restore(ckpt, stepper, task) if ckpt is not None else 0)
     if ctx.is_main:
         R.take_folder(out, run_id, ckpt, ctx)
     log = RunLog(out, enabled=ctx.is_main, resume_step=start_step if ckpt is not None else None,
@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, task: Task | None = No
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             log.write(record, optimizer, is_last=is_last)
             if is_due(cfg.checkpoint_every, step + 1, is_last):
-                R.save(cfg, plan, stepper, step, out, run_id)
+                R.save(cfg, plan, stepper, step, out, run_id, task.input_fingerprint())
             if on_step is not None:
                 on_step(step + 1, record)
             if record.get("diverged"):

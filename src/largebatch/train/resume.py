@@ -90,9 +90,24 @@ def check_optimizer_options(ckpt: dict[str, Any], optimizer: torch.optim.Optimiz
                               f"optimizer): resume it with the version that wrote it, or start a new run")
 
 
-def restore(ckpt: dict[str, Any], stepper: Stepper) -> int:
+def check_inputs(ckpt: dict[str, Any], task: Any) -> None:
+    """Refuse, naming the file, a checkpoint trained with another tokenizer than the task's (its vocabulary or
+    its ids changed since: a retrained or edited vocabulary, another largebatch's numbering): the weights would
+    go on training under other token ids. A checkpoint without the record (an older largebatch) is not checked."""
+    saved, now = ckpt.get("input_fingerprint"), task.input_fingerprint()
+    if saved is not None and saved != now:
+        raise CheckpointError(f"cannot resume from {ckpt.get('path', 'checkpoint')}: it was trained with another "
+                              f"tokenizer (fingerprint {saved}, this run's: {now}), so its embedding rows belong to "
+                              f"other token ids; start the run over in a new folder, or resume with the tokenizer "
+                              f"it was trained with (the `tokenizer` option)")
+
+
+def restore(ckpt: dict[str, Any], stepper: Stepper, task: Any = None) -> int:
     """Load a checkpoint into the model, optimizer, RNGs, GradScaler and skip count; returns its step.
-    Call after sharding: the full state is scattered to each rank's shards."""
+    Call after sharding: the full state is scattered to each rank's shards. ``task``: checked to have the
+    checkpoint's tokenizer first."""
+    if task is not None:
+        check_inputs(ckpt, task)
     check_optimizer_options(ckpt, stepper.optimizer)
     D.load_full_state(stepper.model, stepper.optimizer, ckpt["model"], ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
@@ -104,7 +119,8 @@ def restore(ckpt: dict[str, Any], stepper: Stepper) -> int:
     return int(ckpt["step"])
 
 
-def save(cfg: TrainConfig, plan: RunPlan, stepper: Stepper, step: int, out: Path, run_id: str | None) -> None:
+def save(cfg: TrainConfig, plan: RunPlan, stepper: Stepper, step: int, out: Path, run_id: str | None,
+         input_fingerprint: str | None = None) -> None:
     """Checkpoint the state after global ``step`` (0-based). A collective under FSDP2: call on every rank."""
     model_state, optim_state = D.full_state(stepper.model, stepper.optimizer)
     if not stepper.ctx.is_main:
@@ -116,5 +132,6 @@ def save(cfg: TrainConfig, plan: RunPlan, stepper: Stepper, step: int, out: Path
                             "phase": index},
                **({"grad_scaler": stepper.scaler.state_dict()} if stepper.scaler is not None else {}),
                **({"noise_scale": stepper.noise.state_dict()} if stepper.noise is not None else {}),
-               "config": config_record(cfg), "run_id": run_id, "environment": environment(stepper.ctx)}
+               "config": config_record(cfg), "run_id": run_id, "environment": environment(stepper.ctx),
+               **({"input_fingerprint": input_fingerprint} if input_fingerprint is not None else {})}
     save_checkpoint(payload, out, step + 1, keep=cfg.keep_checkpoints)
