@@ -3,7 +3,10 @@
 A batch-16 run logs ~20,000 steps (~6 MB). ``compact_run`` keeps every evaluation record, the first and
 the last record, and every k-th step so that at most ``max_records`` remain; the report reads the result
 unchanged (its curves are binned to fewer points anyway, and the compute time is estimated from the kept
-steps' throughput over the samples since the previous kept record). Checkpoints are not touched (they are
+steps' throughput over the samples since the previous kept record). Each kept record also carries the mean
+training loss of the records it stands for (``loss_block_mean``, ``loss_block_records``), so that a trailing
+mean of the loss (the steps to a training-loss target) reads the same from the thinned log as from the full
+one; logs thinned before these fields existed give a noisier trailing mean (a subsample). Checkpoints are not touched (they are
 git-ignored). Only runs with a summary.json are compacted: an unfinished run keeps its full log so that it
 can resume. Irreversible by design; the summary records what was kept.
 """
@@ -32,7 +35,15 @@ def compact_run(run_dir: str | Path, max_records: int = 2000) -> tuple[int, int]
         return len(records), len(records)
     k = math.ceil(len(records) / max_records)
     first, last = records[0].get("step", 0), records[-1].get("step", 0)
-    kept = [r for r in records if _keep(r, k, first, last)]
+    kept, block = [], []
+    for r in records:
+        if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"]):
+            block.append(r["loss"])
+        if _keep(r, k, first, last):
+            if len(block) > 1:  # what the dropped records averaged to, so trailing means read as before
+                r = {**r, "loss_block_mean": sum(block) / len(block), "loss_block_records": len(block)}
+            kept.append(r)
+            block = []
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)

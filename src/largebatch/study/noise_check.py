@@ -78,14 +78,21 @@ def predicted_efficiency(batch: float, b0: float, b_noise: float) -> float:
     return (b0 + b_noise) / (batch + b_noise)
 
 
-def steps_to_train_loss(steps: list[int], losses: list[float], target: float, smooth: float = LOSS_SMOOTH
-                        ) -> int | None:
+def steps_to_train_loss(steps: list[int], losses: list[float], target: float, smooth: float = LOSS_SMOOTH,
+                        records: list[int] | None = None) -> int | None:
     """First step at which the trailing mean of the logged training losses (over ``smooth`` of the run's
     records) is at or below ``target``; None if never. The mean lags by about half its window, the same
-    fraction of every run."""
-    k = max(1, round(len(losses) * smooth))
-    for i in range(k - 1, len(losses)):
-        if sum(losses[i - k + 1:i + 1]) / k <= target:
+    fraction of every run. ``records``: how many logged steps each entry stands for (a thinned log's block
+    means, ``archive.compact_run``): the window then counts the original records, weighting each block."""
+    w = records or [1] * len(losses)
+    k = max(1, round(sum(w) * smooth))
+    start, n = 0, 0
+    for i in range(len(losses)):
+        n += w[i]
+        while n - w[start] >= k:
+            n -= w[start]
+            start += 1
+        if n >= k and sum(wj * x for wj, x in zip(w[start:i + 1], losses[start:i + 1])) / n <= target:
             return steps[i]
     return None
 
@@ -241,7 +248,8 @@ def _seed_dirs(runs: list[dict], optimizer: str) -> dict[int, list[str]]:
 def loss_steps(dirs: dict[int, list[str | Path]], target: float) -> dict[int, list[int | None]]:
     """batch -> each seed's steps to the training-loss ``target`` (the per-step records of ``load_metrics``)."""
     curves = {b: [load_metrics(d) for d in ds] for b, ds in dirs.items()}
-    return {b: [steps_to_train_loss(m["steps"], m["loss"], target) for m in ms] for b, ms in curves.items()}
+    return {b: [steps_to_train_loss(m["steps"], m["block_loss"], target, records=m["block_records"]) for m in ms]
+            for b, ms in curves.items()}
 
 
 def judged_rows(check: dict, cells: dict[int, dict], spread: list[float | None], by_loss: bool) -> dict[int, dict]:

@@ -56,6 +56,7 @@ def runs_in_progress(study_dir: Path) -> list[str]:
 @functools.lru_cache(maxsize=512)
 def _load_metrics_cached(path: str, mtime: float, size: int) -> dict:
     steps, samples, losses, evals, phases, trust = [], [], [], [], [], []
+    block_loss, block_records = [], []  # a thinned log's block means (archive.compact_run); else the loss, 1
     compute_s, last_samples, last_step, diverged = 0.0, 0, 0, False
     prev_samples = 0
     with open(path) as f:
@@ -76,6 +77,7 @@ def _load_metrics_cached(path: str, mtime: float, size: int) -> dict:
             if step <= last_step:  # a re-logged stretch: keep the latest records only
                 keep = [i for i, s in enumerate(steps) if s < step]
                 steps, samples, losses = steps[:len(keep)], samples[:len(keep)], losses[:len(keep)]
+                block_loss, block_records = block_loss[:len(keep)], block_records[:len(keep)]
                 evals = [e for e in evals if e["step"] < step]
                 phases = [p for p in phases if p[0] < step]
                 trust = [t for t in trust if t[0] < step]
@@ -83,6 +85,8 @@ def _load_metrics_cached(path: str, mtime: float, size: int) -> dict:
             steps.append(step)
             samples.append(n)
             losses.append(r.get("loss", float("nan")))
+            block_loss.append(r.get("loss_block_mean", losses[-1]))
+            block_records.append(r.get("loss_block_records", 1))
             if "phase" in r and (not phases or phases[-1][1] != r["phase"]):
                 phases.append((step, r["phase"]))
             if "trust_ratio_mean" in r:
@@ -91,7 +95,8 @@ def _load_metrics_cached(path: str, mtime: float, size: int) -> dict:
                 evals.append({k: v for k, v in r.items() if k in ("step", "samples") or k.startswith("validation_")})
             diverged = diverged or bool(r.get("diverged"))
     return {"steps": steps, "samples": samples, "loss": losses, "evals": evals, "phases": phases, "trust": trust,
-            "compute_s": compute_s, "last_step": last_step, "last_samples": last_samples, "diverged": diverged}
+            "compute_s": compute_s, "last_step": last_step, "last_samples": last_samples, "diverged": diverged,
+            "block_loss": block_loss, "block_records": block_records}
 
 
 def load_metrics(run_dir: str | Path) -> dict:
@@ -101,7 +106,7 @@ def load_metrics(run_dir: str | Path) -> dict:
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
         return {"steps": [], "samples": [], "loss": [], "evals": [], "phases": [], "trust": [], "compute_s": 0.0,
-                "last_step": 0, "last_samples": 0, "diverged": False}
+                "last_step": 0, "last_samples": 0, "diverged": False, "block_loss": [], "block_records": []}
     st = p.stat()
     return _load_metrics_cached(str(p), st.st_mtime, st.st_size)
 
