@@ -67,3 +67,57 @@ def test_invalid_jobs(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "largebatch", "study", "smoke", "--out", str(tmp_path / "s"),
                           "--jobs", "0"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 2 and "Invalid --jobs: 0 (allowed: an integer >= 1)" in cli.stderr
+
+
+SLOW = """
+import sys, dataclasses
+sys.path.insert(0, {tests!r})
+from test_study_parallel import TINY
+from largebatch.study.runner import SuiteRunner
+if __name__ == "__main__":
+    suite = dataclasses.replace(TINY, epochs=200.0)  # runs long enough to be killed in the middle
+    SuiteRunner(suite, {out!r}, threads=1, progress=False, jobs=2).run()
+"""
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_with_a_killed_study_process(tmp_path, monkeypatch):
+    """`kill` of the study process (SIGTERM: no Python cleanup) takes its training workers with it within
+    seconds: an orphan would keep writing a run that the next study process resumes."""
+    import signal
+    import time
+    from pathlib import Path
+
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path / "cache"))
+    script = tmp_path / "study.py"
+    script.write_text(SLOW.format(tests=str(Path(__file__).parent), out=str(tmp_path / "s")))
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "s" / "runs").glob("*/metrics.jsonl")):
+            time.sleep(0.5)
+        workers = [k for k in _children(proc.pid) if k != proc.pid]
+        assert workers, "no worker process started"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 15
+        while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
+                       for w in workers)
+    finally:
+        proc.kill()

@@ -88,11 +88,23 @@ def study_lock(out: Path):
 _WORKER: "SuiteRunner | None" = None
 
 
-def _worker_init(tune_allocator: bool) -> None:
+def _worker_init(tune_allocator: bool, parent: int) -> None:
     if tune_allocator:
         from ..train.allocator import keep_freed_memory
 
         keep_freed_memory()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="largebatch-parent-watch").start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """End this worker within a second of the study process that started it (killed, or stopped without
+    shutting the pool down): an orphan would go on writing into a run that a new study process resumes.
+    Ending anywhere is safe: the trainer resumes bit-identically from a kill at any point."""
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _worker_train(runner_cls: type, suite: Suite, out: str, threads: int | None, verbose: bool, spec: dict) -> dict:
@@ -152,7 +164,7 @@ class SuiteRunner:
                     from ..train.allocator import freed_memory_kept
 
                     self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                     initializer=_worker_init, initargs=(freed_memory_kept(),))
+                                                     initializer=_worker_init, initargs=(freed_memory_kept(), os.getpid()))
                 future = self._pool.submit(_worker_train, type(self), self.suite, str(self.out), self.threads,
                                            self.verbose, spec)
                 self._inflight[key] = future
