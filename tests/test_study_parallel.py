@@ -121,3 +121,13 @@ def test_workers_end_with_a_killed_study_process(tmp_path, monkeypatch):
                        for w in workers)
     finally:
         proc.kill()
+
+
+def test_a_worker_started_after_the_sources_changed_refuses_to_run():
+    """Workers are spawned and import the package from disk: one started after the sources changed (an upgrade,
+    an edit) would run other code than the study process. It stops with what to do (rerun: it resumes)."""
+    from largebatch.study import runner
+
+    with pytest.raises(RuntimeError, match="sources changed on disk while this study ran.*rerun the study"):
+        runner._worker_init(False, os.getpid(), "0" * 16)
+    assert runner._source_stamp() == runner.CODE_STAMP  # the stamp is that of the files as they are

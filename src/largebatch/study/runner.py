@@ -88,7 +88,26 @@ def study_lock(out: Path):
 _WORKER: "SuiteRunner | None" = None
 
 
-def _worker_init(tune_allocator: bool, parent: int) -> None:
+def _source_stamp() -> str:
+    """A hash of the largebatch sources as they are on disk now."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+#: the sources this process imported (read at its import): a worker spawned later must run the same code
+CODE_STAMP = _source_stamp()
+
+
+def _worker_init(tune_allocator: bool, parent: int, stamp: str) -> None:
+    if stamp != CODE_STAMP:
+        raise RuntimeError(f"the largebatch sources changed on disk while this study ran (stamp {stamp} at its start, "
+                           f"{CODE_STAMP} now): its workers would run other code than it; rerun the study (it "
+                           f"resumes: finished runs are kept, interrupted ones continue from their checkpoints)")
     if tune_allocator:
         from ..train.allocator import keep_freed_memory
 
@@ -164,7 +183,10 @@ class SuiteRunner:
                     from ..train.allocator import freed_memory_kept
 
                     self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                     initializer=_worker_init, initargs=(freed_memory_kept(), os.getpid()))
+                                                     initializer=_worker_init,
+                                                     initargs=(freed_memory_kept(), os.getpid(), CODE_STAMP))
+                    for started in [self._pool.submit(os.getpid) for _ in range(self.jobs)]:
+                        started.result()  # every worker now, importing the same sources as this process
                 future = self._pool.submit(_worker_train, type(self), self.suite, str(self.out), self.threads,
                                            self.verbose, spec)
                 self._inflight[key] = future
@@ -172,9 +194,10 @@ class SuiteRunner:
             return future.result()
         except BrokenProcessPool:
             raise RuntimeError(f"a study worker process ended abruptly while training {key} (killed for memory? try "
-                               "fewer --jobs); from a Python script, start the runner under `if __name__ == "
-                               "'__main__':` (workers are spawned and import the script). Rerun to resume: finished "
-                               "runs are kept, interrupted ones continue from their checkpoints") from None
+                               "fewer --jobs; or its start failed: see its error above); from a Python script, start "
+                               "the runner under `if __name__ == '__main__':` (workers are spawned and import the "
+                               "script). Rerun to resume: finished runs are kept, interrupted ones continue from "
+                               "their checkpoints") from None
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
