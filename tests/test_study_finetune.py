@@ -64,3 +64,17 @@ def test_baselines_only_is_for_finetuning_and_mlm_suites(tmp_path):
                            "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Invalid --baselines-only for suite 'image-scaling'" in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_superseded_ladder_runs_are_not_fine_tuned(tmp_path):
+    """A pre-training study whose base LR moved (the near-tie refinement) keeps the old ladder runs on disk:
+    fine-tuning reads only the current ladder's (study.json's base LR by the √ rule)."""
+    for name, lr, batch in (("lamb-b16-lr0.003-s0", 3e-3, 16), ("lamb-b64-lr0.006-s0", 6e-3, 64),
+                            ("lamb-b16-lr0.0052-s0", 5.2e-3, 16), ("lamb-b64-lr0.0104-s0", 1.04e-2, 64)):
+        d = _ladder_run(tmp_path, name, with_checkpoint=True)
+        (d / "summary.json").write_text(json.dumps({"kind": "ladder", "optimizer": "lamb", "batch_size": batch,
+                                                    "seed": 0, "lr": lr}))
+    (tmp_path / "mlm-scaling" / "study.json").write_text(json.dumps({"suite": "mlm-scaling",
+                                                                      "base_lr": {"lamb": 5.2e-3}}))
+    runner = FinetuneRunner(get_suite("finetune"), tmp_path / "finetune", progress=False)
+    assert [p.name for p in runner.sources()] == ["lamb-b16-lr0.0052-s0", "lamb-b64-lr0.0104-s0"]

@@ -546,10 +546,16 @@ class FinetuneRunner(SuiteRunner):
         checkpoints (they are not committed) fails here with the fix."""
         from ..checkpoint import list_checkpoints
 
+        from .analysis import mark_superseded
+
         s = self.suite
         source = self.out.parent / s.source / "runs"
-        sources = sorted(p for p in source.glob("*") if (p / "summary.json").exists()
-                         and json.loads((p / "summary.json").read_text()).get("kind") == "ladder")
+        summaries = {p: {**json.loads((p / "summary.json").read_text()), "dir": p} for p in source.glob("*")
+                     if (p / "summary.json").exists()}
+        state = self.out.parent / s.source / "study.json"
+        base_lr = json.loads(state.read_text()).get("base_lr") if state.exists() else None
+        current = mark_superseded(list(summaries.values()), base_lr, get_suite(s.source))  # not the old ladders
+        sources = sorted(r["dir"] for r in current if r.get("kind") == "ladder")
         if not sources:
             raise FileNotFoundError(f"no finished {s.source} runs under {source}: run `largebatch study {s.source}` first")
         missing = [p.name for p in sources if not list_checkpoints(p)]
