@@ -318,8 +318,13 @@ def test_disk_full_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fill):
     """The write fails after ``fill`` of the checkpoint's bytes (ENOSPC): one line naming the path and the
     disk, the earlier checkpoint kept, no temp file left."""
     room = int(fill * save_checkpoint(_state(1), tmp_path, 1, keep=1).stat().st_size)
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FullDisk(real_fdopen(fd, *a, **k), room))
+    real_open = Path.open
+
+    def full_when_temp(path, *a, **k):  # the temp file the checkpoint is written to fills the disk
+        f = real_open(path, *a, **k)
+        return _FullDisk(f, room) if path.name.endswith(".tmp") else f
+
+    monkeypatch.setattr(Path, "open", full_when_temp)
     with pytest.raises(CheckpointError) as info:
         save_checkpoint(_state(2, 2.0), tmp_path, 2, keep=1)
     message = str(info.value)

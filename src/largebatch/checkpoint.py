@@ -145,22 +145,34 @@ def _write_failure(target: Path, exc: BaseException) -> str:
     return f"cannot write checkpoint {target}: {reason} ({free} on the disk of {target.parent}); {kept}"
 
 
+@contextlib.contextmanager
+def replaced_atomically(target: Path, prefix: str | None = None) -> Iterator[Path]:
+    """A fresh temp path beside ``target`` to write to (``<prefix>XXXX.tmp``, by default ``.<name>-XXXX.tmp``);
+    renamed over ``target`` when the block ends without error, removed otherwise. Writers of the same file at
+    once each write their own temp file, and a reader sees the old file or a whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{target.name}-", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _write_file(target: Path, write, prefix: str) -> None:
     """``write(file)`` into a temp file beside ``target``, fsync it, rename it over ``target``, fsync the
     folder. On failure the temp file is removed and ``target`` is as it was; an OSError (disk full,
     read-only folder) becomes a CheckpointError naming the path and the disk."""
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
     recorder = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with replaced_atomically(target, prefix) as tmp, tmp.open("wb") as f:
             recorder = _RecordingFile(f)
             write(recorder)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         error = recorder.error if recorder is not None and recorder.error is not None else exc
         if isinstance(error, OSError):
             raise CheckpointError(_write_failure(target, error)) from None

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from ..checkpoint import replaced_atomically, write_atomically
 
 
 def _keep(record: dict, k: int, first: int, last: int) -> bool:
@@ -44,12 +45,11 @@ def compact_run(run_dir: str | Path, max_records: int = 2000) -> tuple[int, int]
                 r = {**r, "loss_block_mean": sum(block) / len(block), "loss_block_records": len(block)}
             kept.append(r)
             block = []
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     summary = json.loads(summary_path.read_text())
     summary["metrics_compacted"] = {"kept": len(kept), "of": len(records), "every": k}
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_atomically(summary_path, json.dumps(summary, indent=2))
     return len(kept), len(records)
 
 

@@ -1,10 +1,8 @@
 """The task interface and helpers shared by the tasks."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -97,22 +95,6 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("LARGEBATCH_CACHE", Path.home() / ".cache" / "largebatch"))
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextlib.contextmanager
-def replaced_atomically(path: Path):
-    """A fresh temp path beside ``path`` to write to; renamed over ``path`` when the block ends without error,
-    removed otherwise. Processes filling the same cache entry at once each write their own temp file, and a
-    reader sees the old file or a whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def hf_offline() -> None:

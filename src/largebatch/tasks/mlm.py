@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import replaced_atomically
 from . import bbcnews, hf
-from .base import Task, cache_dir, hf_offline, package_dir, replaced_atomically
+from .base import Task, cache_dir, hf_offline, package_dir
 from .corpus import count_documents, fingerprint, held_out_documents, iter_documents, resolve_paths
 from .token_cache import TokenWindows, cache_key, open_tokens, read_meta, token_counts, write_token_cache
 

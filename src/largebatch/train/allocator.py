@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 M_TRIM_THRESHOLD = -1
@@ -22,7 +23,9 @@ M_MMAP_MAX = -4
 _applied = False
 
 
+@functools.cache
 def _libc():
+    """The C library, opened once (finding it runs ldconfig)."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
