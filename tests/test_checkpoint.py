@@ -381,3 +381,20 @@ def test_a_checkpoint_with_optimizer_options_unknown_here_is_refused_with_its_na
     check_optimizer_options({"optimizer": older}, opt)
     load_full_state(model, opt, model_state, older)
     assert opt.param_groups[0]["sync_free"] is None
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    """Temp files are created 0600; the file that replaces the target gets what ``open()`` would (0666 less the
+    umask), so a shared cache or a run folder stays readable by others, and a failed write leaves nothing."""
+    from largebatch.checkpoint import replaced_atomically, write_atomically
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    write_atomically(tmp_path / "run.json", "{}")
+    plain = tmp_path / "plain"
+    plain.write_text("{}")
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(RuntimeError), replaced_atomically(tmp_path / "cache.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "run.json"]

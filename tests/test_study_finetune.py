@@ -10,12 +10,14 @@ from largebatch.study.runner import FinetuneRunner
 from largebatch.study.suites import get_suite
 
 
-def _ladder_run(root, name, with_checkpoint):
+def _ladder_run(root, name, with_checkpoint, fingerprint="0123456789abcdef"):
+    import torch
+
     d = root / "mlm-scaling" / "runs" / name
     d.mkdir(parents=True)
     (d / "summary.json").write_text(json.dumps({"kind": "ladder", "optimizer": "lamb", "batch_size": 16, "seed": 0}))
-    if with_checkpoint:
-        (d / "ckpt-00000010.pt").write_bytes(b"not read by this test")
+    if with_checkpoint:  # only its tokenizer fingerprint is read before any work
+        torch.save({"step": 10} | ({"input_fingerprint": fingerprint} if fingerprint else {}), d / "ckpt-00000010.pt")
     return d
 
 
@@ -30,6 +32,39 @@ def test_missing_checkpoints_are_listed_before_any_work(tmp_path):
     assert "2 of 3 mlm-scaling runs have no checkpoint" in msg
     assert "adamw-b64-lr0.002-s1, lamb-b64-lr0.006-s0" in msg and "largebatch study mlm-scaling --out" in msg
     assert not (out / "runs").exists()  # nothing was started
+
+
+def test_checkpoints_without_a_tokenizer_fingerprint_are_refused_before_any_work(tmp_path):
+    """An older largebatch numbered WordPiece pieces differently per process: such an encoder cannot be matched
+    to the tokenizer rebuilt here, so the study names the runs to retrain instead of fine-tuning under other ids."""
+    _ladder_run(tmp_path, "lamb-b16-lr0.003-s0", with_checkpoint=True)
+    _ladder_run(tmp_path, "lamb-b64-lr0.006-s0", with_checkpoint=True, fingerprint=None)
+    out = tmp_path / "finetune"
+    with pytest.raises(ValueError) as err:
+        FinetuneRunner(get_suite("finetune"), out, progress=False).run()
+    msg = str(err.value)
+    assert msg.startswith("1 of 2 mlm-scaling runs have a checkpoint without a tokenizer fingerprint")
+    assert "lamb-b64-lr0.006-s0;" in msg and "lamb-b16" not in msg and "largebatch study mlm-scaling --out" in msg
+    assert not (out / "runs").exists()
+
+
+def _wordpiece(words):
+    from tokenizers import Tokenizer, models
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    return Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+
+
+def test_an_encoder_pre_trained_under_other_token_ids_is_refused():
+    from largebatch.tasks.base import tokenizer_fingerprint
+    from largebatch.tasks.classify import check_encoder_tokenizer
+
+    here, other = _wordpiece(["the", "##s", "##ing"]), _wordpiece(["the", "##ing", "##s"])  # two ids swapped
+    check_encoder_tokenizer("run/ckpt", tokenizer_fingerprint(here), here)  # the same ids: accepted
+    with pytest.raises(ValueError, match=r"Invalid checkpoint: run/ckpt was pre-trained with another tokenizer"):
+        check_encoder_tokenizer("run/ckpt", tokenizer_fingerprint(other), here)
+    with pytest.warns(UserWarning, match="no tokenizer fingerprint in this checkpoint"):
+        check_encoder_tokenizer("run/ckpt", None, here)
 
 
 def test_cli_says_it_in_one_line(tmp_path):

@@ -15,6 +15,7 @@ tensors and plain containers only (RNG states included), so it cannot run code. 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import re
@@ -145,14 +146,24 @@ def _write_failure(target: Path, exc: BaseException) -> str:
     return f"cannot write checkpoint {target}: {reason} ({free} on the disk of {target.parent}); {kept}"
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def replaced_atomically(target: Path, prefix: str | None = None) -> Iterator[Path]:
     """A fresh temp path beside ``target`` to write to (``<prefix>XXXX.tmp``, by default ``.<name>-XXXX.tmp``);
     renamed over ``target`` when the block ends without error, removed otherwise. Writers of the same file at
     once each write their own temp file, and a reader sees the old file or a whole new one, never a part."""
     fd, tmp = tempfile.mkstemp(prefix=prefix or f".{target.name}-", suffix=".tmp", dir=target.parent)
-    os.close(fd)
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # what open() would give (mkstemp's is 0600): caches are shared
+        finally:
+            os.close(fd)
         yield Path(tmp)
         os.replace(tmp, target)
     except BaseException:
@@ -187,15 +198,20 @@ def write_atomically(path: str | Path, text: str) -> None:
     _write_file(path, lambda f: f.write(text.encode()), prefix=f".{path.name}.")
 
 
-def checkpoint_run_id(path: str | Path) -> str | None:
-    """The run id stored in a checkpoint, reading only its pickled structure (tensors are memory-mapped,
-    not read); None when the file cannot be read or holds no id."""
+def checkpoint_entry(path: str | Path, key: str) -> str | None:
+    """A string entry of a checkpoint (``run_id``, ``input_fingerprint``), reading only its pickled structure
+    (tensors are memory-mapped, not read); None when the file cannot be read or holds no such string."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - any unreadable file is simply not known to be ours
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not known to hold it
         return None
-    run_id = payload.get("run_id") if isinstance(payload, dict) else None
-    return run_id if isinstance(run_id, str) else None
+    value = payload.get(key) if isinstance(payload, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def checkpoint_run_id(path: str | Path) -> str | None:
+    """The run id stored in a checkpoint; None when the file cannot be read or holds no id."""
+    return checkpoint_entry(path, "run_id")
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int, run_id: str | None) -> list[Path]:

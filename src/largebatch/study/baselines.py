@@ -37,8 +37,10 @@ def random_encoder(task_name: str, task_options: dict, seed: int, out: str | Pat
     out = Path(out)
     if not list_checkpoints(out):
         task = build_task(task_name, **task_options, seed=seed)
+        fingerprint = task.input_fingerprint()
         payload = {"step": 0, "model": task.model.state_dict(),
-                   "config": {"task": task_name, "task_options": dict(task_options), "seed": seed}}
+                   "config": {"task": task_name, "task_options": dict(task_options), "seed": seed},
+                   **({"input_fingerprint": fingerprint} if fingerprint is not None else {})}
         save_checkpoint(payload, out, 0, keep=1)
     return out
 

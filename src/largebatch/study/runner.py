@@ -290,7 +290,7 @@ class SuiteRunner:
         """Train one run in this process (resumed from its checkpoint if it has one); its summary."""
         import io
 
-        from ..checkpoint import list_checkpoints
+        from ..checkpoint import checkpoint_entry, list_checkpoints
         from ..train.allocator import release_freed_memory
         from ..train.config import DATA_FIELDS
         from ..train.loop import TrainConfig, train
@@ -544,7 +544,7 @@ class FinetuneRunner(SuiteRunner):
     def sources(self) -> list[Path]:
         """The source suite's finished ladder runs; checked before any work: a study copied without its
         checkpoints (they are not committed) fails here with the fix."""
-        from ..checkpoint import list_checkpoints
+        from ..checkpoint import checkpoint_entry, list_checkpoints
 
         from .analysis import mark_superseded
 
@@ -565,6 +565,14 @@ class FinetuneRunner(SuiteRunner):
                 f"{', '.join(missing)}. Retrain them on this machine: move those folders out of {source} and rerun "
                 f"`largebatch study {s.source} --out {self.out.parent / s.source}` (it trains only the runs it lacks), "
                 f"or run only the baselines with --baselines-only")
+        unchecked = [p.name for p in sources if checkpoint_entry(list_checkpoints(p)[-1], "input_fingerprint") is None]
+        if unchecked:
+            raise ValueError(
+                f"{len(unchecked)} of {len(sources)} {s.source} runs have a checkpoint without a tokenizer fingerprint "
+                f"(written by an older largebatch, when WordPiece ids changed from process to process): "
+                f"{', '.join(unchecked)}; their token ids cannot be matched to the tokenizer rebuilt here. Retrain "
+                f"them: move those folders out of {source} and rerun `largebatch study {s.source} --out "
+                f"{self.out.parent / s.source}`")
         return sources
 
     max_tasks = 1  # the encoder differs per source run

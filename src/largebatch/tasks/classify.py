@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import bbcnews, hf
-from .base import Task, hf_offline
+from .base import Task, hf_offline, tokenizer_fingerprint
 from .bbcnews import article_files, read_article
 from .corpus import read_rows, resolve_paths
 
@@ -167,6 +167,7 @@ class ClassifyTask(Task):
             attention_probs_dropout_prob=cfg.dropout, num_labels=len(self.classes)))
         self.pretrained = encoder_state is not None
         if encoder_state is not None:
+            check_encoder_tokenizer(cfg.checkpoint, ckpt.get("input_fingerprint"), mlm.tokenizer)
             load_encoder(self.model.bert, encoder_state)
 
         def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -228,6 +229,27 @@ class ClassifyTask(Task):
         fresh.load_state_dict(hf.full_state_dict(model))
         tokenizer = self.tokenizer if self.config.model else self.hf_tokenizer
         return hf.save_pretrained(fresh, tokenizer, directory)
+
+
+def check_encoder_tokenizer(checkpoint, saved: str | None, tokenizer) -> None:
+    """Refuse an encoder pre-trained under other token ids than the tokenizer rebuilt here (fingerprint
+    ``saved``, from the checkpoint): its embedding rows would be read as other tokens. Only a checkpoint of
+    an older largebatch has no fingerprint; it gets a warning, since its ids cannot be checked (before
+    2026-12-01 WordPiece's ``##`` pieces were numbered in an order that changed from process to process, and
+    a tokenizer was retrained on every new machine)."""
+    now = tokenizer_fingerprint(tokenizer)
+    if saved is None:
+        import warnings
+
+        warnings.warn(f"{checkpoint}: no tokenizer fingerprint in this checkpoint (an older largebatch), so it cannot "
+                      "be checked that the tokenizer rebuilt here numbers tokens as pre-training did; if it was "
+                      "pre-trained on another machine or before the WordPiece ids were fixed, retrain it",
+                      stacklevel=3)
+    elif now is not None and saved != now:
+        raise ValueError(f"Invalid checkpoint: {checkpoint} was pre-trained with another tokenizer (fingerprint "
+                         f"{saved}, the one rebuilt here: {now}), so its embedding rows belong to other token ids; "
+                         "the checkpoint predates the fixed WordPiece numbering or was pre-trained on other text "
+                         "or vocabulary options: pre-train it again")
 
 
 def load_encoder(encoder: nn.Module, state: dict[str, Tensor]) -> None:
