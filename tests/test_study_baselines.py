@@ -199,5 +199,14 @@ def test_smoke_news_then_its_finetuning(tmp_path, monkeypatch):
     summaries = {p.parent.name: json.loads(p.read_text()) for p in (ft / "runs").glob("*/summary.json")}
     assert {"ft-lamb-b16-lr0.01-s0", "ft-random-encoder-s0", "tfidf-logreg"} <= set(summaries)
     assert summaries["ft-lamb-b16-lr0.01-s0"]["pretrain_optimizer"] == "lamb"
+    # the recipe check: the same encoders fine-tuned 2x longer (the suite's long_baseline), nothing else changed
+    long, short = summaries["ft-long-lamb-b16-lr0.01-s0-e2"], summaries["ft-lamb-b16-lr0.01-s0"]
+    assert long["kind"] == "finetune-long" and long["epochs"] == 2.0 and long["steps"] == 2 * short["steps"]
+    assert summaries["ft-long-random-encoder-s0-e2"]["kind"] == "finetune-baseline-long"
+    assert len(summaries) == 5
     md = build_report(ft).read_text()  # the suite comes from study.json
     assert "Study `smoke-finetune-news`" in md and "random encoder" in md
+    assert "## The recipe 2× longer: is the downstream score converged?" in md
+    assert f"| lamb, pre-trained at batch 16 | {short['test_accuracy']:.4f}" in md
+    results = json.loads((ft / "results.json").read_text())
+    assert results["recipe_check"]["long"]["lamb"]["16"]["mean"] == pytest.approx(long["test_accuracy"])

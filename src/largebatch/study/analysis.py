@@ -252,15 +252,17 @@ def long_baseline(runs: list[dict], table: dict, metric: str) -> dict:
 
 
 RANDOM_ENCODER = "random encoder"  # the baseline that tells whether the downstream score measures pre-training
+FINETUNE_KINDS = ("finetune", "finetune-baseline", "finetune-long", "finetune-baseline-long")
+LONG_RECIPE_CONCLUSION = ": with a longer recipe, what pre-training learned does not show in the downstream score here"
 BASELINE_CONCLUSIONS = {RANDOM_ENCODER: ": at this size the downstream score does not measure what pre-training "
                                         "learned"}
 
 
-def finetune_baselines(runs: list[dict]) -> dict:
+def finetune_baselines(runs: list[dict], kind: str = "finetune-baseline") -> dict:
     """baseline name -> downstream test accuracy / macro-F1 over its runs (seeds of the random encoder)."""
     groups = defaultdict(list)
     for r in runs:
-        if r.get("kind") == "finetune-baseline":
+        if r.get("kind") == kind:
             groups[r.get("baseline", r.get("run"))].append(r)
     out = {}
     for name, rs in groups.items():
@@ -269,6 +271,29 @@ def finetune_baselines(runs: list[dict]) -> dict:
         out[name] = {"mean": acc, "spread": sa, "f1_mean": f1, "f1_spread": sf, "n": len(rs),
                      "runs": [r.get("run") for r in rs], "C": rs[0].get("C")}
     return out
+
+
+def _encoder(r: dict) -> tuple:
+    return r.get("pretrain_optimizer"), r.get("pretrain_batch"), r.get("pretrain_seed")
+
+
+def finetune_recipe_check(runs: list[dict]) -> dict | None:
+    """The recipe trained longer (the suite's ``long_baseline``) beside the recipe, for the same encoders:
+    ``short``/``long`` tables (as :func:`finetune_table`) and the random encoder's cells ``base_short``/
+    ``base_long`` over the same seeds; None without long runs."""
+    long = [r for r in runs if r.get("kind") == "finetune-long"]
+    long_base = [r for r in runs if r.get("kind") == "finetune-baseline-long"]
+    if not long and not long_base:
+        return None
+    keys = {_encoder(r) for r in long}
+    seeds = {r.get("pretrain_seed") for r in long_base}
+    short_base = [r for r in runs if r.get("kind") == "finetune-baseline" and r.get("baseline") == RANDOM_ENCODER
+                  and r.get("pretrain_seed") in seeds]
+    return {"epochs": max(r.get("epochs") or 0 for r in long + long_base),
+            "short": finetune_table([r for r in runs if r.get("kind") == "finetune" and _encoder(r) in keys]),
+            "long": finetune_table(long),
+            "base_short": finetune_baselines(short_base).get(RANDOM_ENCODER),
+            "base_long": finetune_baselines(long_base, "finetune-baseline-long").get(RANDOM_ENCODER)}
 
 
 #: the kinds of run trained from the chosen base LR by the √ rule (the two-phase run: its last phase's LR)

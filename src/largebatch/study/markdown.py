@@ -315,6 +315,27 @@ def md_finetune_baselines(baselines: dict, readings: list[str]) -> list[str]:
     return lines + ["", *readings, ""]
 
 
+def md_finetune_recipe_check(check: dict | None, recipe_epochs: float, readings: list[str]) -> list[str]:
+    """The recipe and the recipe trained longer, for the same encoders (analysis.finetune_recipe_check)."""
+    if not check:
+        return []
+    e = check["epochs"]
+    lines = [f"## The recipe {e / recipe_epochs:g}× longer: is the downstream score converged?\n",
+             f"The random encoders and the encoders pre-trained at the smallest and the largest batch (seeds 0 and 1) "
+             f"fine-tuned again for {e:g} epochs instead of {recipe_epochs:g}, everything else the same.\n",
+             f"| encoder | test accuracy, {recipe_epochs:g} epochs | test accuracy, {e:g} epochs | macro-F1, {e:g} "
+             "epochs | runs |", "|---|---:|---:|---:|---:|"]
+    rows = [("random encoder", check["base_short"], check["base_long"])]
+    rows += [(f"{opt}, pre-trained at batch {batch}", check["short"].get(opt, {}).get(batch), c)
+             for opt, row in check["long"].items() for batch, c in sorted(row.items())]
+    for name, short, long in rows:
+        if long is None:
+            continue
+        lines.append(f"| {name} | {pm(short['mean'], short['spread']) if short else '—'} | "
+                     f"{pm(long['mean'], long['spread'])} | {pm(long['f1_mean'], long['f1_spread'])} | {long['n']} |")
+    return lines + ["", *readings, ""]
+
+
 def _f(v: Any, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 

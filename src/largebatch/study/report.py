@@ -17,11 +17,12 @@ import math
 from pathlib import Path
 
 from . import report_plots as plots
-from .analysis import (BASELINE_CONCLUSIONS, build_table, finetune_baselines, finetune_table, long_baseline,
-                       mark_superseded, provisional, steps_table, sweep_table, tuned_control, two_phase_table, unigram_baseline)
-from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_header, md_long_baseline,
-                       md_mlm_baselines, md_noise_scale, md_protocol, md_rules, md_steps, md_sweep, md_table, md_tuned,
-                       md_two_phase, md_verdicts)
+from .analysis import (BASELINE_CONCLUSIONS, FINETUNE_KINDS, LONG_RECIPE_CONCLUSION, RANDOM_ENCODER, build_table,
+                       finetune_baselines, finetune_recipe_check, finetune_table, long_baseline, mark_superseded,
+                       provisional, steps_table, sweep_table, tuned_control, two_phase_table, unigram_baseline)
+from .markdown import (md_ablation, md_finetune, md_finetune_baselines, md_finetune_recipe_check, md_header,
+                       md_long_baseline, md_mlm_baselines, md_noise_scale, md_protocol, md_rules, md_steps, md_sweep,
+                       md_table, md_tuned, md_two_phase, md_verdicts)
 from .noise_check import noise_section, plot_series
 from .runs import header_info, load_baselines, load_runs
 from .suites import SUITES, get_suite
@@ -173,7 +174,7 @@ def _guess_suite(study_dir: Path, runs: list[dict]) -> str:
 
 
 def _finetune_report(study_dir: Path, runs: list[dict], suite) -> Path:
-    runs = [r for r in runs if r.get("kind", "finetune") in ("finetune", "finetune-baseline")]
+    runs = [r for r in runs if r.get("kind", "finetune") in FINETUNE_KINDS]
     if not runs:
         raise FileNotFoundError(f"no finished finetune runs under {study_dir / 'runs'}")
     pretrained = [r for r in runs if r.get("kind", "finetune") == "finetune"]
@@ -181,8 +182,11 @@ def _finetune_report(study_dir: Path, runs: list[dict], suite) -> Path:
     baselines = finetune_baselines(runs)
     readings = [line for name, c in baselines.items()
                 for line in against_baseline(table, c, name, BASELINE_CONCLUSIONS.get(name, ""))]
+    check = finetune_recipe_check(runs)
+    check_readings = against_baseline(check["long"], check["base_long"], f"random encoder at {check['epochs']:g} "
+                                      "epochs", LONG_RECIPE_CONCLUSION) if check else []
     info = header_info(study_dir, runs, suite.name)
-    files = plots.finetune_plot(study_dir, table) if table else []
+    files = plots.finetune_plot(study_dir, table, baselines.get(RANDOM_ENCODER), check) if table else []
     lines = md_header(info, suite) + md_finetune(table, suite.source)
     v = verdicts(table, "downstream accuracy")
     if table:
@@ -190,8 +194,11 @@ def _finetune_report(study_dir: Path, runs: list[dict], suite) -> Path:
                   "Rule: a drop counts only if it exceeds the sum of the two seed half-ranges.\n",
                   *(v or ["- (no optimizer has two pre-training batches yet)"]), ""]
     lines += md_finetune_baselines(baselines, readings)
+    lines += md_finetune_recipe_check(check, suite.epochs, check_readings)
     lines += [f"![{f}]({f})" for f in files]
     extra = {"baselines": baselines, "baseline_readings": readings} if baselines else {}
+    if check:
+        extra |= {"recipe_check": check, "recipe_check_readings": check_readings}
     (study_dir / "results.json").write_text(json.dumps(_clean({
         "suite": suite.name, "task": suite.task, "header": info, "table": table, "verdicts": v, **extra,
         "files": files, "runs": runs}), indent=2, default=str))

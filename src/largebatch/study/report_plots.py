@@ -296,15 +296,31 @@ def two_phase(out: Path, runs: list[dict], tp: dict | None, metric: str = "accur
     return _save(fig, out, "two_phase.png")
 
 
-def finetune_plot(out: Path, table: dict) -> list[str]:
-    """Downstream accuracy vs pre-training batch per pre-training optimizer (log x)."""
+def finetune_plot(out: Path, table: dict, random: dict | None = None, check: dict | None = None) -> list[str]:
+    """Downstream accuracy vs pre-training batch per pre-training optimizer (log x), the random encoder's band
+    (mean ± half-range) and, with the recipe check, the longer recipe's points (open markers, dashed) and band."""
     if not table:
         return []
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colors = {}
     for opt, row in table.items():
         b = sorted(row)
-        ax.errorbar(b, [row[x]["mean"] for x in b], yerr=[row[x]["spread"] for x in b], marker="o", capsize=3, label=opt)
+        bars = ax.errorbar(b, [row[x]["mean"] for x in b], yerr=[row[x]["spread"] for x in b], marker="o", capsize=3,
+                           label=opt)
+        colors[opt] = bars.lines[0].get_color()
+    bands = [(random, "0.5", "random encoder")]
+    if check:
+        e = check["epochs"]
+        for opt, row in check["long"].items():
+            b = sorted(row)
+            ax.errorbar(b, [row[x]["mean"] for x in b], yerr=[row[x]["spread"] for x in b], marker="o", mfc="none",
+                        ls="--", capsize=3, color=colors.get(opt), label=f"{opt}, {e:g} epochs")
+        bands.append((check.get("base_long"), "0.8", f"random encoder, {e:g} epochs"))
+    for cell, color, label in bands:
+        if cell and finite(cell.get("mean")):
+            ax.axhspan(cell["mean"] - cell["spread"], cell["mean"] + cell["spread"], color=color, alpha=0.25, lw=0)
+            ax.axhline(cell["mean"], color=color, lw=1, ls=":", label=label)
     ax.set(xscale="log", xlabel="pre-training batch (log)", ylabel="downstream test accuracy",
            title="fine-tuned accuracy vs pre-training batch (mean ± half-range)")
     _batch_ticks(ax, [b for row in table.values() for b in row])

@@ -577,10 +577,25 @@ class FinetuneRunner(SuiteRunner):
 
     max_tasks = 1  # the encoder differs per source run
 
-    def finetune(self, checkpoint: Path, name: str, tags: dict) -> dict:
+    def finetune(self, checkpoint: Path, name: str, tags: dict, long: bool = False) -> dict:
+        """Fine-tune ``checkpoint`` with the recipe; ``long``: for ``long_baseline`` times its epochs."""
         optimizer, (lr,) = next(iter(self.suite.lr_grids.items()))
+        epochs = self.suite.epochs * self.suite.long_baseline if long and self.suite.long_baseline else None
+        if epochs is not None:
+            name, tags = f"ft-long-{name[len('ft-'):]}-e{epochs:g}", {**tags, "kind": f"{tags['kind']}-long",
+                                                                       "epochs": epochs}
         return self.run_one(optimizer, self.suite.batches[0], lr, 0, extra_task_options={"checkpoint": str(checkpoint)},
-                            name=name, tags=tags)
+                            name=name, tags=tags, epochs=epochs)
+
+    def long_sources(self, sources: list[Path]) -> list[Path]:
+        """The pre-trained encoders the longer recipe also fine-tunes: the smallest and the largest pre-training
+        batch of each optimizer, seeds 0 and 1."""
+        if not self.suite.long_baseline:
+            return []
+        metas = {src: json.loads((src / "summary.json").read_text()) for src in sources}
+        ends = {b for b in (min(m["batch_size"] for m in metas.values()), max(m["batch_size"] for m in metas.values()))
+                } if metas else set()
+        return [src for src, m in metas.items() if m["batch_size"] in ends and m.get("seed", 0) < 2]
 
     def baselines(self) -> None:
         """The random-initialisation encoders (one per seed) fine-tuned with the recipe, then TF-IDF."""
@@ -590,9 +605,10 @@ class FinetuneRunner(SuiteRunner):
         pre = get_suite(s.source)
         encoders = [random_encoder(pre.task, pre.task_options, seed, self.runs_dir / f"random-encoder-s{seed}")
                     for seed in range(s.baseline_seeds)]
-        self._each(lambda seed: self.finetune(encoders[seed], f"ft-random-encoder-s{seed}",
-                                              {"kind": "finetune-baseline", "baseline": RANDOM_ENCODER,
-                                               "pretrain_seed": seed}), range(s.baseline_seeds))
+        self._each(lambda job: self.finetune(encoders[job[0]], f"ft-random-encoder-s{job[0]}",
+                                             {"kind": "finetune-baseline", "baseline": RANDOM_ENCODER,
+                                              "pretrain_seed": job[0]}, long=job[1]),
+                   [(seed, long) for long in (False, True)[:1 + bool(s.long_baseline)] for seed in range(s.baseline_seeds)])
         done = self.runs_dir / "tfidf-logreg" / "summary.json"
         if encoders and not done.exists():  # the last fine-tuned task: the same splits and tokens as every run
             task = self._task({**s.task_options, "checkpoint": str(encoders[-1]), "seed": 0})
@@ -607,18 +623,20 @@ class FinetuneRunner(SuiteRunner):
         (self.out / "study.json").write_text(json.dumps({"suite": s.name}, indent=2))  # the report's suite
         if self.progress:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=len(sources) + s.baseline_seeds, desc=f"study {s.name}", unit="run",
+            long = len(self.long_sources(sources)) + s.baseline_seeds if s.long_baseline else 0
+            self.bar = tqdm(total=len(sources) + s.baseline_seeds + long, desc=f"study {s.name}", unit="run",
                             dynamic_ncols=True)
         self.baselines()
 
-        def finetune(src: Path) -> dict:
+        def finetune(src: Path, long: bool = False) -> dict:
             meta = json.loads((src / "summary.json").read_text())
             return self.finetune(src, f"ft-{src.name}", {"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
                                                          "pretrain_batch": meta["batch_size"],
                                                          "pretrain_seed": meta["seed"],
-                                                         "pretrain_test_accuracy": meta.get("test_accuracy")})
+                                                         "pretrain_test_accuracy": meta.get("test_accuracy")}, long)
 
         self._each(finetune, sources)
+        self._each(lambda src: finetune(src, long=True), self.long_sources(sources))
         if self.bar is not None:
             self.bar.close()
         return {"suite": s.name, "runs": len(sources), "baselines": s.baseline_seeds}
