@@ -417,3 +417,18 @@ def test_noise_scale_section_not_run_yet_then_with_a_probe(tmp_path):
     assert "No probe yet for adamw" in report and (tmp_path / "noise_prediction.png").stat().st_size > 5_000
     assert all(r.get("kind") != "noise-probe" for r in A.sweep_points(runs.load_runs(tmp_path)).get("lamb", []))
     assert results["table"]["lamb"]["16"]["n"] == 2  # the probe is not a ladder run
+
+
+def test_baseline_readings_need_results_to_read():
+    """With no ladder result yet (a study that has only run its tuned control) the baselines are given, with
+    no claim about results that do not exist; with results, how many are at or below each is said."""
+    bigram = {"test_accuracy": 0.26, "context": "both", "accuracy_by_context": {"both": {"validation": 0.28}}}
+    empty = "\n".join(M.md_mlm_baselines({}, 0.04, bigram))
+    assert "0.2600" in empty and "0.0400" in empty
+    assert "Every result" not in empty and "results are at or below" not in empty
+    table = {"lamb": {16: {"mean": 0.20}, 1024: {"mean": 0.03}}}
+    some = "\n".join(M.md_mlm_baselines(table, 0.04, bigram))
+    assert "the models learned no more than word frequencies" not in some  # one of two above the unigram guess
+    assert "**Every result is at or below it**: no model predicted" in some  # the bigram baseline
+    low = "\n".join(M.md_mlm_baselines({"lamb": {1024: {"mean": 0.03}}}, 0.04, bigram))
+    assert "**Every result is at or below it**: the models learned no more than word frequencies" in low
