@@ -309,24 +309,25 @@ def finetune_plot(out: Path, table: dict, random: dict | None = None, check: dic
         bars = ax.errorbar(b, [row[x]["mean"] for x in b], yerr=[row[x]["spread"] for x in b], marker="o", capsize=3,
                            label=opt)
         colors[opt] = bars.lines[0].get_color()
-    bands = [(random, "0.5", "random encoder")]
+    bands = [(random, "0.55", ":", "random encoder")]
     if check:
         e = check["epochs"]
         for opt, row in check["long"].items():
             b = sorted(row)
             ax.errorbar(b, [row[x]["mean"] for x in b], yerr=[row[x]["spread"] for x in b], marker="o", mfc="none",
                         ls="--", capsize=3, color=colors.get(opt), label=f"{opt}, {e:g} epochs")
-        bands.append((check.get("base_long"), "0.8", f"random encoder, {e:g} epochs"))
-    for cell, color, label in bands:
+        bands.append((check.get("base_long"), "0.2", "-.", f"random encoder, {e:g} epochs"))
+    for cell, color, style, label in bands:
         if cell and finite(cell.get("mean")):
-            ax.axhspan(cell["mean"] - cell["spread"], cell["mean"] + cell["spread"], color=color, alpha=0.25, lw=0)
-            ax.axhline(cell["mean"], color=color, lw=1, ls=":", label=label)
+            ax.axhspan(cell["mean"] - cell["spread"], cell["mean"] + cell["spread"], color=color, alpha=0.2, lw=0)
+            ax.axhline(cell["mean"], color=color, lw=1.2, ls=style, label=label)
     ax.set(xscale="log", xlabel="pre-training batch (log)", ylabel="downstream test accuracy",
            title="fine-tuned accuracy vs pre-training batch (mean ± half-range)")
     _batch_ticks(ax, [b for row in table.values() for b in row])
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.set_size_inches(9.0, 4.5)
     return [_save(fig, out, "finetune_vs_batch.png")]
 
 
