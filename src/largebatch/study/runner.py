@@ -290,7 +290,7 @@ class SuiteRunner:
         """Train one run in this process (resumed from its checkpoint if it has one); its summary."""
         import io
 
-        from ..checkpoint import checkpoint_entry, list_checkpoints
+        from ..checkpoint import list_checkpoints
         from ..train.allocator import release_freed_memory
         from ..train.config import DATA_FIELDS
         from ..train.loop import TrainConfig, train
@@ -593,8 +593,8 @@ class FinetuneRunner(SuiteRunner):
         if not self.suite.long_baseline:
             return []
         metas = {src: json.loads((src / "summary.json").read_text()) for src in sources}
-        ends = {b for b in (min(m["batch_size"] for m in metas.values()), max(m["batch_size"] for m in metas.values()))
-                } if metas else set()
+        batches = [m["batch_size"] for m in metas.values()]
+        ends = {min(batches), max(batches)} if batches else set()
         return [src for src, m in metas.items() if m["batch_size"] in ends and m.get("seed", 0) < 2]
 
     def baselines(self) -> None:
@@ -608,7 +608,8 @@ class FinetuneRunner(SuiteRunner):
         self._each(lambda job: self.finetune(encoders[job[0]], f"ft-random-encoder-s{job[0]}",
                                              {"kind": "finetune-baseline", "baseline": RANDOM_ENCODER,
                                               "pretrain_seed": job[0]}, long=job[1]),
-                   [(seed, long) for long in (False, True)[:1 + bool(s.long_baseline)] for seed in range(s.baseline_seeds)])
+                   [(seed, long) for long in ((False, True) if s.long_baseline else (False,))
+                    for seed in range(s.baseline_seeds)])
         done = self.runs_dir / "tfidf-logreg" / "summary.json"
         if encoders and not done.exists():  # the last fine-tuned task: the same splits and tokens as every run
             task = self._task({**s.task_options, "checkpoint": str(encoders[-1]), "seed": 0})
