@@ -32,10 +32,16 @@ def md_mlm_baselines(table: dict, unigram: float | None, bigram: dict | None) ->
     if bigram and finite(bigram.get("test_accuracy")):
         acc, by = bigram["test_accuracy"], bigram["accuracy_by_context"]
         k, n = cells_at_or_below(table, acc)
-        reading = (" **Every result is at or below it**: no model predicted masked tokens better than a count "
-                   "table of their neighbours." if n and k == n else f" **{k} of {n} results are at or below it**: "
-                   "those models predicted masked tokens no better than a count table of their neighbours." if k
-                   else " Every result is above it." if n else "")
+        if not n:
+            reading = ""  # no result yet to read against it
+        elif k == n:
+            reading = (" **Every result is at or below it**: no model predicted masked tokens better than a count "
+                       "table of their neighbours.")
+        elif k:
+            reading = (f" **{k} of {n} results are at or below it**: those models predicted masked tokens no better "
+                       "than a count table of their neighbours.")
+        else:
+            reading = " Every result is above it."
         choice = ", ".join(f"{c} {fmt(v.get('validation'))}" for c, v in by.items())
         lines.append(f"Bigram baseline (the most frequent training token given "
                      f"{BIGRAM_CONTEXT_WORDS.get(bigram['context'], bigram['context'])} as the model sees them, else "

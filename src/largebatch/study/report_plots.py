@@ -302,7 +302,7 @@ def finetune_plot(out: Path, table: dict, random: dict | None = None, check: dic
     if not table:
         return []
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.0, 4.5))  # the legend goes right of the axes
     colors = {}
     for opt, row in table.items():
         b = sorted(row)
@@ -327,7 +327,6 @@ def finetune_plot(out: Path, table: dict, random: dict | None = None, check: dic
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    fig.set_size_inches(9.0, 4.5)
     return [_save(fig, out, "finetune_vs_batch.png")]
 
 

@@ -558,14 +558,15 @@ class FinetuneRunner(SuiteRunner):
         sources = sorted(r["dir"] for r in current if r.get("kind") == "ladder")
         if not sources:
             raise FileNotFoundError(f"no finished {s.source} runs under {source}: run `largebatch study {s.source}` first")
-        missing = [p.name for p in sources if not list_checkpoints(p)]
+        found = {p: list_checkpoints(p) for p in sources}
+        missing = [p.name for p in sources if not found[p]]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(sources)} {s.source} runs have no checkpoint (ckpt-*.pt) to fine-tune from: "
                 f"{', '.join(missing)}. Retrain them on this machine: move those folders out of {source} and rerun "
                 f"`largebatch study {s.source} --out {self.out.parent / s.source}` (it trains only the runs it lacks), "
                 f"or run only the baselines with --baselines-only")
-        unchecked = [p.name for p in sources if checkpoint_entry(list_checkpoints(p)[-1], "input_fingerprint") is None]
+        unchecked = [p.name for p in sources if checkpoint_entry(found[p][-1], "input_fingerprint") is None]
         if unchecked:
             raise ValueError(
                 f"{len(unchecked)} of {len(sources)} {s.source} runs have a checkpoint without a tokenizer fingerprint "
@@ -577,13 +578,14 @@ class FinetuneRunner(SuiteRunner):
 
     max_tasks = 1  # the encoder differs per source run
 
-    def finetune(self, checkpoint: Path, name: str, tags: dict, long: bool = False) -> dict:
-        """Fine-tune ``checkpoint`` with the recipe; ``long``: for ``long_baseline`` times its epochs."""
+    def finetune(self, checkpoint: Path, label: str, tags: dict, long: bool = False) -> dict:
+        """Fine-tune ``checkpoint`` with the recipe into ``ft-<label>``; ``long``: for ``long_baseline`` times
+        its epochs, into ``ft-long-<label>-e<epochs>``."""
         optimizer, (lr,) = next(iter(self.suite.lr_grids.items()))
         epochs = self.suite.epochs * self.suite.long_baseline if long and self.suite.long_baseline else None
+        name = f"ft-{label}"
         if epochs is not None:
-            name, tags = f"ft-long-{name[len('ft-'):]}-e{epochs:g}", {**tags, "kind": f"{tags['kind']}-long",
-                                                                       "epochs": epochs}
+            name, tags = f"ft-long-{label}-e{epochs:g}", {**tags, "kind": f"{tags['kind']}-long", "epochs": epochs}
         return self.run_one(optimizer, self.suite.batches[0], lr, 0, extra_task_options={"checkpoint": str(checkpoint)},
                             name=name, tags=tags, epochs=epochs)
 
@@ -605,7 +607,7 @@ class FinetuneRunner(SuiteRunner):
         pre = get_suite(s.source)
         encoders = [random_encoder(pre.task, pre.task_options, seed, self.runs_dir / f"random-encoder-s{seed}")
                     for seed in range(s.baseline_seeds)]
-        self._each(lambda job: self.finetune(encoders[job[0]], f"ft-random-encoder-s{job[0]}",
+        self._each(lambda job: self.finetune(encoders[job[0]], f"random-encoder-s{job[0]}",
                                              {"kind": "finetune-baseline", "baseline": RANDOM_ENCODER,
                                               "pretrain_seed": job[0]}, long=job[1]),
                    [(seed, long) for long in ((False, True) if s.long_baseline else (False,))
@@ -622,22 +624,23 @@ class FinetuneRunner(SuiteRunner):
         sources = [] if self.baselines_only else self.sources()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "study.json").write_text(json.dumps({"suite": s.name}, indent=2))  # the report's suite
+        long_sources = self.long_sources(sources)
         if self.progress:
             from tqdm.auto import tqdm
-            long = len(self.long_sources(sources)) + s.baseline_seeds if s.long_baseline else 0
+            long = len(long_sources) + s.baseline_seeds if s.long_baseline else 0
             self.bar = tqdm(total=len(sources) + s.baseline_seeds + long, desc=f"study {s.name}", unit="run",
                             dynamic_ncols=True)
         self.baselines()
 
         def finetune(src: Path, long: bool = False) -> dict:
             meta = json.loads((src / "summary.json").read_text())
-            return self.finetune(src, f"ft-{src.name}", {"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
+            return self.finetune(src, src.name, {"kind": "finetune", "pretrain_optimizer": meta["optimizer"],
                                                          "pretrain_batch": meta["batch_size"],
                                                          "pretrain_seed": meta["seed"],
                                                          "pretrain_test_accuracy": meta.get("test_accuracy")}, long)
 
         self._each(finetune, sources)
-        self._each(lambda src: finetune(src, long=True), self.long_sources(sources))
+        self._each(lambda src: finetune(src, long=True), long_sources)
         if self.bar is not None:
             self.bar.close()
         return {"suite": s.name, "runs": len(sources), "baselines": s.baseline_seeds}

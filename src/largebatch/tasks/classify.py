@@ -237,7 +237,6 @@ def check_encoder_tokenizer(checkpoint, saved: str | None, tokenizer) -> None:
     an older largebatch has no fingerprint; it gets a warning, since its ids cannot be checked (before
     2026-12-01 WordPiece's ``##`` pieces were numbered in an order that changed from process to process, and
     a tokenizer was retrained on every new machine)."""
-    now = tokenizer_fingerprint(tokenizer)
     if saved is None:
         import warnings
 
@@ -245,7 +244,7 @@ def check_encoder_tokenizer(checkpoint, saved: str | None, tokenizer) -> None:
                       "be checked that the tokenizer rebuilt here numbers tokens as pre-training did; if it was "
                       "pre-trained on another machine or before the WordPiece ids were fixed, retrain it",
                       stacklevel=3)
-    elif now is not None and saved != now:
+    elif (now := tokenizer_fingerprint(tokenizer)) is not None and saved != now:
         raise ValueError(f"Invalid checkpoint: {checkpoint} was pre-trained with another tokenizer (fingerprint "
                          f"{saved}, the one rebuilt here: {now}), so its embedding rows belong to other token ids; "
                          "the checkpoint predates the fixed WordPiece numbering or was pre-trained on other text "
